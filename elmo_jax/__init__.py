@@ -1,0 +1,14 @@
+"""elmo_jax: ELMo (Peters et al., 2018) in JAX, numerically identical to bilm-tf / AllenNLP."""
+
+from .bilm import BiLM, BiLMOutput, StatefulBiLM, bilm, init_params, token_embedding
+from .characters import Vocabulary, batch_to_ids
+from .lstm import LSTMState
+from .options import BiLMOptions, OptionsError
+from .weights import WeightsError, load_hdf5, save_hdf5
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BiLM", "BiLMOptions", "BiLMOutput", "LSTMState", "OptionsError", "StatefulBiLM", "Vocabulary",
+    "WeightsError", "batch_to_ids", "bilm", "init_params", "load_hdf5", "save_hdf5", "token_embedding",
+]

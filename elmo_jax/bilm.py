@@ -1,0 +1,274 @@
+"""The biLM: token embeddings from characters, then a stack of bidirectional LSTM layers.
+
+Pure functions over a params pytree (see ``init_params`` for its layout), plus the ``BiLM`` and
+``StatefulBiLM`` classes that hold params and jit them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .char_cnn import char_cnn
+from .characters import boundary_char_ids
+from .highway import highway
+from .lstm import LSTMState, bidirectional_layer, zero_state
+from .options import BiLMOptions
+
+BiLMState = dict  # {"forward": [LSTMState per layer], "backward": [LSTMState per layer]}
+
+
+class BiLMOutput(NamedTuple):
+    """activations: (n_layers + 1, batch, time + 2, 2 * projection_dim), BOS/EOS included, zeros at padding;
+    mask: (batch, time + 2) bool."""
+
+    activations: jax.Array
+    mask: jax.Array
+
+
+def init_params(options: BiLMOptions, key: jax.Array) -> dict:
+    """Random params in the layout every function here reads (the same layout ``weights.load_hdf5`` returns).
+
+    Scales follow bilm-tf's training initialisers loosely: normal / sqrt(fan_in), zero biases
+    (highway carry bias -2 so layers start close to identity, as bilm-tf does).
+    """
+    cnn, lstm = options.char_cnn, options.lstm
+    n_filters, proj, dim = cnn.n_filters, lstm.projection_dim, lstm.dim
+    keys = iter(jax.random.split(key, 4 + len(cnn.filters) + 2 * cnn.n_highway + 4 * lstm.n_layers))
+
+    def normal(shape, fan_in):
+        return jax.random.normal(next(keys), shape, jnp.float32) / np.sqrt(fan_in)
+
+    char_embed = jax.random.uniform(next(keys), (262, cnn.char_embedding_dim), jnp.float32, -1.0, 1.0)
+    params = {
+        "char_embed": char_embed.at[0].set(0.0),
+        "convolutions": [
+            {"kernel": normal((width, cnn.char_embedding_dim, num), width * cnn.char_embedding_dim),
+             "bias": jnp.zeros((num,), jnp.float32)}
+            for width, num in cnn.filters
+        ],
+        "highway": [
+            {"carry": {"kernel": normal((n_filters, n_filters), n_filters), "bias": jnp.full((n_filters,), -2.0)},
+             "transform": {"kernel": normal((n_filters, n_filters), n_filters), "bias": jnp.zeros((n_filters,))}}
+            for _ in range(cnn.n_highway)
+        ],
+        "projection": {"kernel": normal((n_filters, proj), n_filters), "bias": jnp.zeros((proj,), jnp.float32)},
+        "lstm": {
+            direction: [
+                {"kernel": normal((proj + proj, 4 * dim), proj + proj), "bias": jnp.zeros((4 * dim,), jnp.float32),
+                 "projection": normal((dim, proj), dim)}
+                for _ in range(lstm.n_layers)
+            ]
+            for direction in ("forward", "backward")
+        },
+    }
+    return params
+
+
+def token_embedding(params: dict, options: BiLMOptions, char_ids: jax.Array) -> jax.Array:
+    """Context-free token vectors: char CNN -> highway -> projection.
+
+    Args:
+      char_ids: (..., max_chars) int32.
+    Returns:
+      (..., projection_dim); masked tokens are not zeroed here (``bilm`` masks its outputs).
+    """
+    *lead, max_chars = char_ids.shape
+    x = char_cnn(params, char_ids.reshape(-1, max_chars), options.char_cnn.activation)  # (tokens, n_filters)
+    x = highway(params["highway"], x)
+    x = x @ params["projection"]["kernel"] + params["projection"]["bias"]  # (tokens, projection_dim)
+    return x.reshape(*lead, x.shape[-1])
+
+
+def add_sentence_boundaries(char_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Put <S> before and </S> after each sentence's last real token.
+
+    Args:
+      char_ids: (batch, time, max_chars) int32, masked tokens all 0.
+    Returns:
+      char ids (batch, time + 2, max_chars) and mask (batch, time + 2) bool.
+    """
+    batch, time, max_chars = char_ids.shape
+    bos, eos = (jnp.asarray(ids) for ids in boundary_char_ids(max_chars))
+    lengths = jnp.sum(jnp.any(char_ids > 0, axis=-1), axis=1)  # (batch,)
+    padded = jnp.pad(char_ids, ((0, 0), (1, 1), (0, 0)))
+    positions = jnp.arange(time + 2)[None, :]
+    is_bos = positions == 0
+    is_eos = positions == (lengths + 1)[:, None]  # (batch, time + 2)
+    with_boundaries = jnp.where(is_bos[..., None], bos, jnp.where(is_eos[..., None], eos, padded))
+    return with_boundaries, positions <= (lengths + 1)[:, None]
+
+
+def initial_state(options: BiLMOptions, batch: int, dtype=jnp.float32) -> BiLMState:
+    """Zero LSTM state for every layer and direction."""
+    lstm = options.lstm
+    return {
+        direction: [zero_state(batch, lstm.dim, lstm.projection_dim, dtype) for _ in range(lstm.n_layers)]
+        for direction in ("forward", "backward")
+    }
+
+
+def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, state: BiLMState | None = None):
+    """The stacked bidirectional LSTM.
+
+    Args:
+      params: {"forward": [layer params], "backward": [layer params]} (see lstm.lstm_layer).
+      x: (batch, time, projection_dim) token embeddings; mask: (batch, time) bool.
+      state: initial BiLMState, None for zeros.
+    Returns:
+      per-layer outputs, a list of n_layers arrays (batch, time, 2 * projection_dim) [forward, backward],
+      zeros at padding; and the final BiLMState.
+    """
+    lstm = options.lstm
+    if state is None:
+        state = initial_state(options, x.shape[0], x.dtype)
+    inputs = (x, x)
+    outputs, new_state = [], {"forward": [], "backward": []}
+    for layer in range(lstm.n_layers):
+        ys, (fw_state, bw_state) = bidirectional_layer(
+            params["forward"][layer], params["backward"][layer], inputs, mask,
+            (state["forward"][layer], state["backward"][layer]),
+            cell_clip=lstm.cell_clip, proj_clip=lstm.proj_clip,
+        )
+        if layer > 0 and lstm.use_skip_connections:
+            # Residual on the layer's output only; the carried state is untouched.
+            ys = (ys[0] + inputs[0], ys[1] + inputs[1])
+        new_state["forward"].append(fw_state)
+        new_state["backward"].append(bw_state)
+        outputs.append(jnp.concatenate(ys, axis=-1) * mask[..., None])
+        inputs = ys
+    return outputs, new_state
+
+
+def bilm_from_token_embeddings(params: dict, options: BiLMOptions, token_embeddings: jax.Array, mask: jax.Array,
+                               state: BiLMState | None = None) -> tuple[BiLMOutput, BiLMState]:
+    """The biLM given token vectors that already include <S>/</S>.
+
+    Args:
+      token_embeddings: (batch, time + 2, projection_dim); mask: (batch, time + 2) bool.
+    Returns:
+      BiLMOutput with activations (n_layers + 1, batch, time + 2, 2 * projection_dim), and the final state.
+    """
+    token_layer = jnp.concatenate([token_embeddings, token_embeddings], axis=-1) * mask[..., None]
+    lstm_outputs, new_state = bilstm(params["lstm"], options, token_embeddings, mask, state)
+    return BiLMOutput(jnp.stack([token_layer, *lstm_outputs]), mask), new_state
+
+
+def bilm(params: dict, options: BiLMOptions, char_ids: jax.Array, state: BiLMState | None = None):
+    """Char ids -> all representation layers.
+
+    Args:
+      char_ids: (batch, time, max_chars) int32 from ``batch_to_ids`` (no <S>/</S>; they are added here).
+      state: initial BiLMState (batch rows), None for zeros (stateless).
+    Returns:
+      BiLMOutput (activations (n_layers + 1, batch, time + 2, 2 * projection_dim), mask (batch, time + 2)),
+      and the final BiLMState.
+    """
+    char_ids, mask = add_sentence_boundaries(char_ids)
+    return bilm_from_token_embeddings(params, options, token_embedding(params, options, char_ids), mask, state)
+
+
+@functools.partial(jax.jit, static_argnames=("options",))
+def _bilm_jit(params, options, char_ids, state):
+    return bilm(params, options, char_ids, state)
+
+
+@functools.partial(jax.jit, static_argnames=("options",))
+def _token_embedding_jit(params, options, char_ids):
+    return token_embedding(params, options, char_ids)
+
+
+class BiLM:
+    """A biLM with its params: ``out, state = bilm(char_ids, state=None)``.
+
+    Stateless by default: every call starts from zero state unless a state is passed.
+    """
+
+    def __init__(self, params: dict, options: BiLMOptions):
+        self.params = params
+        self.options = options
+
+    @classmethod
+    def from_hdf5(cls, options_file: str | os.PathLike, weight_file: str | os.PathLike) -> BiLM:
+        """Load a published (bilm-tf / AllenNLP layout) options.json + weights.hdf5."""
+        from .weights import load_hdf5
+
+        options = BiLMOptions.from_path(options_file)
+        return cls(load_hdf5(weight_file, options), options)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike) -> BiLM:
+        """Load params saved by ``weights.save_checkpoint`` / ``elmo-jax convert``."""
+        from .weights import load_checkpoint
+
+        params, options = load_checkpoint(directory)
+        return cls(params, options)
+
+    def __call__(self, char_ids, state: BiLMState | None = None) -> tuple[BiLMOutput, BiLMState]:
+        """char_ids (batch, time, max_chars) -> (BiLMOutput, final state); see ``bilm``."""
+        char_ids = _check_char_ids(char_ids, self.options)
+        return _bilm_jit(self.params, self.options, char_ids, state)
+
+    def token_embedding(self, char_ids) -> jax.Array:
+        """char ids (..., max_chars) -> context-free token vectors (..., projection_dim)."""
+        return _token_embedding_jit(self.params, self.options, jnp.asarray(char_ids, jnp.int32))
+
+    def embed_vocabulary(self, words: list[str], batch_size: int = 1024) -> np.ndarray:
+        """Token vectors of each word (AllenNLP's ``vocab_to_cache``): (len(words), projection_dim) float32."""
+        from .characters import token_to_char_ids
+
+        max_chars = self.options.char_cnn.max_characters_per_token
+        ids = np.stack([token_to_char_ids(w, max_chars) for w in words])
+        chunks = []
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            padded = np.zeros((batch_size, max_chars), np.int32)  # one compiled shape for every chunk
+            padded[: len(chunk)] = chunk
+            chunks.append(np.asarray(self.token_embedding(padded))[: len(chunk)])
+        return np.concatenate(chunks)
+
+    def initial_state(self, batch: int) -> BiLMState:
+        return initial_state(self.options, batch)
+
+
+def _check_char_ids(char_ids, options: BiLMOptions) -> jax.Array:
+    shape = np.shape(char_ids)
+    max_chars = options.char_cnn.max_characters_per_token
+    if len(shape) != 3 or shape[-1] != max_chars:
+        raise ValueError(f"char_ids must have shape (batch, time, {max_chars}), found {shape}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"char_ids is empty: shape {shape}; pass at least one sentence with one token")
+    return jnp.asarray(char_ids, jnp.int32)
+
+
+class StatefulBiLM:
+    """A BiLM that carries each batch row's LSTM state into the next call (bilm-tf / AllenNLP behaviour).
+
+    The state of row i after a call is the initial state of row i in the next call. Calls with fewer
+    rows than ``max_batch_size`` update only their rows; the others keep their state.
+    """
+
+    def __init__(self, bilm: BiLM, max_batch_size: int):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, found {max_batch_size}")
+        self.bilm = bilm
+        self.max_batch_size = max_batch_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the state of every row."""
+        self.state = initial_state(self.bilm.options, self.max_batch_size)
+
+    def __call__(self, char_ids) -> BiLMOutput:
+        batch = np.shape(char_ids)[0]
+        if batch > self.max_batch_size:
+            raise ValueError(f"batch of {batch} rows is larger than max_batch_size={self.max_batch_size}")
+        rows = jax.tree.map(lambda s: s[:batch], self.state)
+        out, new_rows = self.bilm(char_ids, rows)
+        self.state = jax.tree.map(lambda s, new: s.at[:batch].set(new), self.state, new_rows)
+        return out

@@ -1,0 +1,152 @@
+"""Tokens to character ids, exactly as AllenNLP's ``batch_to_ids`` and bilm-tf's ``Batcher`` make them.
+
+Each token becomes ``max_characters_per_token`` (50) ids: begin-of-word, the token's UTF-8 bytes
+(truncated to 48), end-of-word, then padding; every id is shifted by +1 so that 0 marks a masked
+(padding) token. Sentence boundary tokens ``<S>``/``</S>`` are not added here: ``bilm`` adds them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+MAX_CHARACTERS_PER_TOKEN = 50
+# Raw ids before the +1 shift (bilm-tf's UnicodeCharsVocabulary): bytes are 0-255.
+BOS_CHAR = 256  # begin of sentence
+EOS_CHAR = 257  # end of sentence
+BOW_CHAR = 258  # begin of word
+EOW_CHAR = 259  # end of word
+PAD_CHAR = 260  # padding within a word
+
+BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<S>", "</S>", "<UNK>"
+
+
+class TokenError(ValueError):
+    """A sentence or token that cannot be turned into character ids."""
+
+
+def _word_ids(body: Sequence[int], max_chars: int) -> np.ndarray:
+    ids = np.full(max_chars, PAD_CHAR + 1, dtype=np.int32)
+    body = list(body)[: max_chars - 2]
+    ids[0] = BOW_CHAR + 1
+    ids[1 : 1 + len(body)] = np.asarray(body, dtype=np.int32) + 1
+    ids[1 + len(body)] = EOW_CHAR + 1
+    return ids
+
+
+def boundary_char_ids(max_chars: int = MAX_CHARACTERS_PER_TOKEN) -> tuple[np.ndarray, np.ndarray]:
+    """Char ids of the sentence-begin and sentence-end tokens: two (max_chars,) int32 arrays."""
+    return _word_ids([BOS_CHAR], max_chars), _word_ids([EOS_CHAR], max_chars)
+
+
+def token_to_char_ids(token: str, max_chars: int = MAX_CHARACTERS_PER_TOKEN) -> np.ndarray:
+    """One token -> (max_chars,) int32 char ids, +1 shifted.
+
+    ``<S>`` and ``</S>`` map to the sentence boundary ids, as in bilm-tf's vocabulary.
+    """
+    if not isinstance(token, str):
+        raise TokenError(f"tokens must be str, found {type(token).__name__}: {token!r}")
+    if token == BOS_TOKEN:
+        return boundary_char_ids(max_chars)[0]
+    if token == EOS_TOKEN:
+        return boundary_char_ids(max_chars)[1]
+    try:
+        encoded = token.encode("utf-8")
+    except UnicodeEncodeError as error:  # lone surrogates from a bad decode
+        raise TokenError(f"token {token!r} is not valid Unicode text: {error}") from None
+    return _word_ids(encoded, max_chars)
+
+
+def batch_to_ids(sentences: Sequence[Sequence[str]], max_chars: int = MAX_CHARACTERS_PER_TOKEN) -> np.ndarray:
+    """Tokenized sentences -> char ids, padded with 0 (masked) tokens.
+
+    Args:
+      sentences: batch of sentences, each a non-empty list of str tokens.
+    Returns:
+      (batch, max_sentence_length, max_chars) int32.
+    """
+    if isinstance(sentences, str) or not isinstance(sentences, Sequence):
+        raise TokenError(f"sentences must be a list of lists of str tokens, found {type(sentences).__name__}")
+    if len(sentences) == 0:
+        raise TokenError("empty batch: batch_to_ids needs at least one sentence")
+    for index, sentence in enumerate(sentences):
+        if isinstance(sentence, str) or not isinstance(sentence, Sequence):
+            raise TokenError(f"sentence {index} must be a list of str tokens, found {type(sentence).__name__}")
+        if len(sentence) == 0:
+            raise TokenError(f"sentence {index} is empty: every sentence needs at least one token")
+    length = max(len(sentence) for sentence in sentences)
+    ids = np.zeros((len(sentences), length, max_chars), dtype=np.int32)
+    cache: dict[str, np.ndarray] = {}
+    for i, sentence in enumerate(sentences):
+        for j, token in enumerate(sentence):
+            if not isinstance(token, str):
+                raise TokenError(f"sentence {i}, token {j}: tokens must be str, found {type(token).__name__} {token!r}")
+            row = cache.get(token)
+            if row is None:
+                row = cache[token] = token_to_char_ids(token, max_chars)
+            ids[i, j] = row
+    return ids
+
+
+class Vocabulary:
+    """A bilm-tf vocabulary file: one token per line, ``<S>``, ``</S>``, ``<UNK>`` among them.
+
+    bilm-tf's training vocabularies are sorted by frequency with the three specials first; the
+    sampled softmax relies on that order (log-uniform sampler over ids).
+    """
+
+    def __init__(self, words: Iterable[str], source: str = "vocabulary", require_specials: bool = True):
+        self.words = list(words)
+        self.source = source
+        self.index = {}
+        for i, word in enumerate(self.words):
+            if not isinstance(word, str) or not word or any(c.isspace() for c in word):
+                raise TokenError(f"{source}: line {i + 1} must be a single token, found {word!r}")
+            self.index.setdefault(word, i)
+        missing = [s for s in (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN) if s not in self.index]
+        if require_specials and missing:
+            raise TokenError(f"{source}: vocabulary lacks the special tokens {missing} (bilm-tf needs "
+                             f"{BOS_TOKEN}, {EOS_TOKEN}, {UNK_TOKEN}, conventionally the first three lines)")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, require_specials: bool = True) -> Vocabulary:
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                words = [line.strip() for line in f.read().splitlines()]
+        except FileNotFoundError:
+            raise TokenError(f"{path}: vocabulary file not found") from None
+        except UnicodeDecodeError as error:
+            raise TokenError(f"{path}: vocabulary is not UTF-8 text ({error})") from None
+        while words and not words[-1]:
+            words.pop()
+        return cls(words, source=path, require_specials=require_specials)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    @property
+    def bos(self) -> int:
+        return self.index[BOS_TOKEN]
+
+    @property
+    def eos(self) -> int:
+        return self.index[EOS_TOKEN]
+
+    @property
+    def unk(self) -> int:
+        return self.index[UNK_TOKEN]
+
+    def word_to_id(self, word: str) -> int:
+        return self.index.get(word, self.index.get(UNK_TOKEN, -1))
+
+    def encode(self, tokens: Sequence[str]) -> np.ndarray:
+        """Token ids of a sentence with ``<S>`` before and ``</S>`` after: (len(tokens) + 2,) int32."""
+        ids = [self.bos] + [self.word_to_id(t) for t in tokens] + [self.eos]
+        return np.asarray(ids, dtype=np.int32)
+
+    def char_ids(self, max_chars: int = MAX_CHARACTERS_PER_TOKEN) -> np.ndarray:
+        """Char ids of every vocabulary word: (len(self), max_chars) int32."""
+        return np.stack([token_to_char_ids(word, max_chars) for word in self.words])

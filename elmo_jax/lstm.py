@@ -1,0 +1,112 @@
+"""LSTM with projection and clipping (TF's LSTMCell with num_proj), masked, over lax.scan.
+
+One step:
+    gates = x @ kernel[:in] + h_prev @ kernel[in:] + bias         split into i, j, f, o
+    c = sigmoid(f + 1.0) * c_prev + sigmoid(i) * tanh(j)          clipped to +-cell_clip
+    h = (sigmoid(o) * tanh(c)) @ projection                       clipped to +-proj_clip
+A padded step (mask False) keeps (h, c) and emits zeros, so a reverse scan starts each sentence's
+backward pass at its own last token. The input half of the gates is computed for all time steps in
+one matmul before the scan; the scan does only the recurrent half.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+FORGET_BIAS = 1.0  # TF LSTMCell's default forget_bias; not stored in the weight files.
+
+
+class LSTMState(NamedTuple):
+    """One layer, one direction (or directions stacked on a leading axis). h: (batch, projection_dim); c: (batch, dim)."""
+
+    h: jax.Array
+    c: jax.Array
+
+
+def zero_state(batch: int, dim: int, projection_dim: int, dtype=jnp.float32) -> LSTMState:
+    """All-zero state of one layer, one direction."""
+    return LSTMState(h=jnp.zeros((batch, projection_dim), dtype), c=jnp.zeros((batch, dim), dtype))
+
+
+def input_gates(params: dict, xs: jax.Array) -> jax.Array:
+    """The input half of the gates for every time step at once: xs (..., batch, time, in_dim) -> (..., batch, time, 4 * dim)."""
+    in_dim = xs.shape[-1]
+    gates = jnp.einsum("...bti,...ig->...btg", xs, params["kernel"][..., :in_dim, :])
+    return gates + params["bias"][..., None, None, :]
+
+
+def lstm_step(params: dict, state: LSTMState, inputs: tuple[jax.Array, jax.Array], *, cell_clip, proj_clip):
+    """One time step. inputs = (x_gates (..., batch, 4 * dim), mask (..., batch)) -> (state, h (..., batch, projection_dim)).
+
+    params["recurrent_kernel"]: (..., projection_dim, 4 * dim); params["projection"]: (..., dim, projection_dim).
+    Leading axes (e.g. two stacked directions) broadcast through.
+    """
+    x_gates, mask = inputs
+    gates = x_gates + state.h @ params["recurrent_kernel"]
+    i, j, f, o = jnp.split(gates, 4, axis=-1)
+    c = jax.nn.sigmoid(f + FORGET_BIAS) * state.c + jax.nn.sigmoid(i) * jnp.tanh(j)
+    if cell_clip is not None:
+        c = jnp.clip(c, -cell_clip, cell_clip)
+    h = (jax.nn.sigmoid(o) * jnp.tanh(c)) @ params["projection"]
+    if proj_clip is not None:
+        h = jnp.clip(h, -proj_clip, proj_clip)
+    keep = mask[..., None]
+    new_state = LSTMState(h=jnp.where(keep, h, state.h), c=jnp.where(keep, c, state.c))
+    return new_state, jnp.where(keep, h, jnp.zeros_like(h))
+
+
+def _recurrent_params(params: dict, in_dim: int) -> dict:
+    return {"recurrent_kernel": params["kernel"][..., in_dim:, :], "projection": params["projection"]}
+
+
+def lstm_layer(params: dict, xs: jax.Array, mask: jax.Array, state: LSTMState, *, cell_clip=None, proj_clip=None,
+               reverse: bool = False) -> tuple[jax.Array, LSTMState]:
+    """One layer, one direction over a batch of sequences.
+
+    Args:
+      params: {"kernel": (in_dim + projection_dim, 4 * dim), "bias": (4 * dim,), "projection": (dim, projection_dim)}.
+      xs: (batch, time, in_dim); mask: (batch, time) bool; state: LSTMState of (batch, ...).
+      reverse: run from the last time step to the first (the backward LM).
+    Returns:
+      ys (batch, time, projection_dim) with zeros at masked steps, and the final state.
+    Same as: for t in range(time) (reversed if reverse): state, ys[:, t] = lstm_step(..., (x_gates[:, t], mask[:, t]))
+    """
+    x_gates = input_gates(params, xs)  # (batch, time, 4 * dim)
+    step = functools.partial(lstm_step, _recurrent_params(params, xs.shape[-1]), cell_clip=cell_clip,
+                             proj_clip=proj_clip)
+    state, ys = jax.lax.scan(step, state, (x_gates.swapaxes(0, 1), mask.T), reverse=reverse)  # time-major only here
+    return ys.swapaxes(0, 1), state
+
+
+def bidirectional_layer(forward: dict, backward: dict, xs: tuple[jax.Array, jax.Array], mask: jax.Array,
+                        state: tuple[LSTMState, LSTMState], *, cell_clip=None, proj_clip=None):
+    """Forward and backward directions of one layer in a single scan.
+
+    The two directions' weights are stacked on a leading axis and the backward inputs are flipped in
+    time, so each scan step does one batched matmul for both directions. Padded steps keep the state,
+    so flipping the whole padded time axis still starts each backward pass at its sentence's last token.
+
+    Args:
+      forward, backward: lstm_layer params of each direction.
+      xs: (forward inputs, backward inputs), each (batch, time, in_dim).
+      mask: (batch, time) bool.
+      state: (forward LSTMState, backward LSTMState).
+    Returns:
+      (forward ys, backward ys), each (batch, time, projection_dim), and (forward state, backward state).
+    Same as: lstm_layer(forward, xs[0], ...) and lstm_layer(backward, xs[1], ..., reverse=True).
+    """
+    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), forward, backward)
+    inputs = jnp.stack([xs[0], jnp.flip(xs[1], axis=1)])  # (2, batch, time, in_dim)
+    x_gates = input_gates(stacked, inputs)  # (2, batch, time, 4 * dim)
+    masks = jnp.stack([mask, jnp.flip(mask, axis=1)])  # (2, batch, time)
+    state = jax.tree.map(lambda a, b: jnp.stack([a, b]), state[0], state[1])
+    step = functools.partial(lstm_step, _recurrent_params(stacked, inputs.shape[-1]), cell_clip=cell_clip,
+                             proj_clip=proj_clip)
+    state, ys = jax.lax.scan(step, state, (jnp.moveaxis(x_gates, 2, 0), jnp.moveaxis(masks, 2, 0)))
+    ys = jnp.moveaxis(ys, 0, 2)  # (2, batch, time, projection_dim)
+    states = (LSTMState(state.h[0], state.c[0]), LSTMState(state.h[1], state.c[1]))
+    return (ys[0], jnp.flip(ys[1], axis=1)), states

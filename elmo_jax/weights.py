@@ -1,0 +1,249 @@
+"""Weight files: the published HDF5 layout (bilm-tf / AllenNLP) <-> params pytree, and orbax checkpoints.
+
+``hdf5_layout(options)`` is the one table that maps params to HDF5 datasets. Loading checks every
+dataset name and shape against the options in both directions and names the offenders; writing goes
+to a temporary file that is renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .options import BiLMOptions
+
+
+class WeightsError(ValueError):
+    """A weight file is missing, unreadable, or does not match the options."""
+
+
+class Dataset(NamedTuple):
+    """One HDF5 dataset: where it goes in the params tree and its shape in the file."""
+
+    path: tuple  # keys into the params tree, e.g. ("lstm", "forward", 0, "kernel")
+    name: str  # HDF5 dataset name
+    file_shape: tuple[int, ...]
+
+
+def hdf5_layout(options: BiLMOptions) -> list[Dataset]:
+    """Every dataset of a bilm-tf weight file for these options, in file order."""
+    cnn, lstm = options.char_cnn, options.lstm
+    n_filters, proj, dim, char_dim = cnn.n_filters, lstm.projection_dim, lstm.dim, cnn.char_embedding_dim
+    # The file's char_embed has no padding row: 261 rows for both n_characters 261 and 262.
+    layout = [Dataset(("char_embed",), "char_embed", (261, char_dim))]
+    for i, (width, num) in enumerate(cnn.filters):
+        layout.append(Dataset(("convolutions", i, "kernel"), f"CNN/W_cnn_{i}", (1, width, char_dim, num)))
+        layout.append(Dataset(("convolutions", i, "bias"), f"CNN/b_cnn_{i}", (num,)))
+    for k in range(cnn.n_highway):
+        for part in ("carry", "transform"):
+            layout.append(Dataset(("highway", k, part, "kernel"), f"CNN_high_{k}/W_{part}", (n_filters, n_filters)))
+            layout.append(Dataset(("highway", k, part, "bias"), f"CNN_high_{k}/b_{part}", (n_filters,)))
+    layout.append(Dataset(("projection", "kernel"), "CNN_proj/W_proj", (n_filters, proj)))
+    layout.append(Dataset(("projection", "bias"), "CNN_proj/b_proj", (proj,)))
+    for d, direction in enumerate(("forward", "backward")):
+        for layer in range(lstm.n_layers):
+            cell = f"RNN_{d}/RNN/MultiRNNCell/Cell{layer}/LSTMCell"
+            layout.append(Dataset(("lstm", direction, layer, "kernel"), f"{cell}/W_0", (proj + proj, 4 * dim)))
+            layout.append(Dataset(("lstm", direction, layer, "bias"), f"{cell}/B", (4 * dim,)))
+            layout.append(Dataset(("lstm", direction, layer, "projection"), f"{cell}/W_P_0", (dim, proj)))
+    return layout
+
+
+def _file_to_param(name: str, value: np.ndarray) -> np.ndarray:
+    if name == "char_embed":  # prepend the zero row of padding id 0
+        return np.concatenate([np.zeros((1, value.shape[1]), value.dtype), value])
+    if name.startswith("CNN/W_cnn_"):  # (1, width, char_dim, n) -> (width, char_dim, n)
+        return value[0]
+    return value
+
+
+def _param_to_file(name: str, value: np.ndarray) -> np.ndarray:
+    if name == "char_embed":
+        return value[1:]
+    if name.startswith("CNN/W_cnn_"):
+        return value[None]
+    return value
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+    node = tree
+    for key, next_key in zip(path[:-1], path[1:]):
+        default = [] if isinstance(next_key, int) else {}
+        if isinstance(node, list):
+            while len(node) <= key:
+                node.append(None)
+            if node[key] is None:
+                node[key] = default
+        else:
+            node.setdefault(key, default)
+        node = node[key]
+    if isinstance(node, list):
+        while len(node) <= path[-1]:
+            node.append(None)
+    node[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def load_hdf5(path: str | os.PathLike, options: BiLMOptions, strict: bool = True) -> dict:
+    """Read a bilm-tf / AllenNLP weight file into a params pytree of float32 numpy arrays.
+
+    Raises WeightsError naming the file and dataset for a missing file, an unreadable/corrupt file, a
+    missing dataset, a wrong shape, a non-finite value, or (``strict``) datasets the options do not describe.
+    """
+    import h5py
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise WeightsError(f"{path}: weight file not found")
+    layout = hdf5_layout(options)
+    params: dict = {}
+    try:
+        with h5py.File(path, "r") as f:
+            found = _dataset_names(f)
+            expected = {d.name for d in layout}
+            missing = [d.name for d in layout if d.name not in found]
+            if missing:
+                raise WeightsError(
+                    f"{path}: missing datasets {missing[:8]}{' ...' if len(missing) > 8 else ''}; the options "
+                    f"({_describe(options)}) expect {len(expected)} datasets and the file has {len(found)}")
+            extra = sorted(found - expected)
+            if strict and extra:
+                raise WeightsError(f"{path}: datasets {extra[:8]} are not described by the options "
+                                   f"({_describe(options)}); do the options belong to this file?")
+            for d in layout:
+                shape = tuple(f[d.name].shape)
+                if shape != d.file_shape:
+                    raise WeightsError(f"{path}: dataset '{d.name}' has shape {shape}, the options "
+                                       f"({_describe(options)}) expect {d.file_shape}")
+                try:
+                    value = np.asarray(f[d.name][...], dtype=np.float32)
+                except (OSError, RuntimeError, KeyError) as error:
+                    raise WeightsError(f"{path}: dataset '{d.name}' cannot be read; the file is corrupt or "
+                                       f"truncated ({error})") from None
+                if not np.all(np.isfinite(value)):
+                    raise WeightsError(f"{path}: dataset '{d.name}' holds NaN or infinite values")
+                _set(params, d.path, _file_to_param(d.name, value))
+    except WeightsError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        raise WeightsError(f"{path}: not a readable HDF5 weight file; it is corrupt, truncated or of another "
+                           f"format ({error})") from None
+    return params
+
+
+def _dataset_names(f) -> set[str]:
+    import h5py
+
+    names: set[str] = set()
+    f.visititems(lambda name, obj: names.add(name) if isinstance(obj, h5py.Dataset) else None)
+    return names
+
+
+def _describe(options: BiLMOptions) -> str:
+    c, l = options.char_cnn, options.lstm
+    return (f"lstm dim={l.dim}, projection_dim={l.projection_dim}, n_layers={l.n_layers}; char_cnn "
+            f"filters={len(c.filters)} ({c.n_filters} total), n_highway={c.n_highway}, embedding dim="
+            f"{c.char_embedding_dim}")
+
+
+def check_params(params: dict, options: BiLMOptions) -> None:
+    """Raise WeightsError unless params has exactly the layout's arrays with the right shapes."""
+    for d in hdf5_layout(options):
+        try:
+            value = _get(params, d.path)
+        except (KeyError, IndexError, TypeError):
+            raise WeightsError(f"params lack {'/'.join(map(str, d.path))} (HDF5 '{d.name}')") from None
+        want = _file_to_param(d.name, np.zeros(d.file_shape, np.float32)).shape
+        if tuple(np.shape(value)) != want:
+            raise WeightsError(f"params {'/'.join(map(str, d.path))} has shape {tuple(np.shape(value))}, "
+                               f"expected {want}")
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) on a temporary file beside ``path``, then rename it to ``path``.
+
+    An error or interruption leaves no file at ``path`` (and removes the temporary file).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise OSError(f"{path}: directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_hdf5(params: dict, options: BiLMOptions, path: str | os.PathLike) -> None:
+    """Write params in the original bilm-tf layout (loadable by AllenNLP, bilm-tf and ``load_hdf5``)."""
+    import h5py
+
+    check_params(params, options)
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            for d in hdf5_layout(options):
+                value = _param_to_file(d.name, np.asarray(_get(params, d.path), dtype=np.float32))
+                f.create_dataset(d.name, data=value)
+
+    write_atomic(path, write)
+
+
+def save_options(options: BiLMOptions, path: str | os.PathLike, include_training: bool = False) -> None:
+    """Write options.json (bilm-tf layout), atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(options.to_dict(include_training=include_training), f, indent=2)
+            f.write("\n")
+
+    write_atomic(path, write)
+
+
+def save_checkpoint(directory: str | os.PathLike, params: dict, options: BiLMOptions) -> None:
+    """Save params as an orbax checkpoint at ``directory/params`` with ``directory/options.json``."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    check_params(params, options)
+    os.makedirs(directory, exist_ok=True)
+    save_options(options, os.path.join(directory, "options.json"), include_training=True)
+    checkpointer = ocp.StandardCheckpointer()
+    # orbax writes to a temporary directory and renames it when complete.
+    checkpointer.save(os.path.join(directory, "params"), params, force=True)
+    checkpointer.wait_until_finished()
+
+
+def load_checkpoint(directory: str | os.PathLike) -> tuple[dict, BiLMOptions]:
+    """Inverse of ``save_checkpoint``: (params, options)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from .bilm import init_params
+
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(os.path.join(directory, "params")):
+        raise WeightsError(f"{directory}: no orbax checkpoint here (expected {directory}/params and options.json)")
+    options = BiLMOptions.from_path(os.path.join(directory, "options.json"))
+    target = jax.eval_shape(lambda: init_params(options, jax.random.key(0)))
+    try:
+        params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), target)
+    except Exception as error:  # orbax raises many types for a damaged or mismatched checkpoint
+        raise WeightsError(f"{directory}/params: cannot restore the checkpoint for these options ({error})") from None
+    return params, options
