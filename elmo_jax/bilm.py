@@ -85,23 +85,37 @@ def token_embedding(params: dict, options: BiLMOptions, char_ids: jax.Array) -> 
     return x.reshape(*lead, x.shape[-1])
 
 
-def add_sentence_boundaries(char_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Put <S> before and </S> after each sentence's last real token.
+def add_sentence_boundaries(x: jax.Array, mask: jax.Array, bos: jax.Array, eos: jax.Array):
+    """Put ``bos`` before each sentence and ``eos`` after its last real token (AllenNLP's semantics).
 
     Args:
-      char_ids: (batch, time, max_chars) int32, masked tokens all 0.
+      x: (batch, time, *features) with sentences left-aligned; mask: (batch, time) bool.
+      bos, eos: (*features,) the boundary token's char ids or vector.
     Returns:
-      char ids (batch, time + 2, max_chars) and mask (batch, time + 2) bool.
+      (batch, time + 2, *features) and mask (batch, time + 2) bool.
     """
-    batch, time, max_chars = char_ids.shape
-    bos, eos = (jnp.asarray(ids) for ids in boundary_char_ids(max_chars))
-    lengths = jnp.sum(jnp.any(char_ids > 0, axis=-1), axis=1)  # (batch,)
-    padded = jnp.pad(char_ids, ((0, 0), (1, 1), (0, 0)))
+    batch, time = mask.shape
+    lengths = jnp.sum(mask, axis=1)  # (batch,)
+    padded = jnp.pad(x, [(0, 0), (1, 1)] + [(0, 0)] * (x.ndim - 2))
     positions = jnp.arange(time + 2)[None, :]
-    is_bos = positions == 0
-    is_eos = positions == (lengths + 1)[:, None]  # (batch, time + 2)
-    with_boundaries = jnp.where(is_bos[..., None], bos, jnp.where(is_eos[..., None], eos, padded))
+    feature_axes = (None,) * (x.ndim - 2)
+    is_bos = (positions == 0)[(..., *feature_axes)]
+    is_eos = (positions == (lengths + 1)[:, None])[(..., *feature_axes)]  # (batch, time + 2, 1...)
+    with_boundaries = jnp.where(is_bos, bos.astype(x.dtype), jnp.where(is_eos, eos.astype(x.dtype), padded))
     return with_boundaries, positions <= (lengths + 1)[:, None]
+
+
+def char_ids_with_boundaries(char_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """char ids (batch, time, max_chars) from batch_to_ids -> (batch, time + 2, max_chars) with <S>/</S>, mask."""
+    bos, eos = (jnp.asarray(ids) for ids in boundary_char_ids(char_ids.shape[-1]))
+    return add_sentence_boundaries(char_ids, jnp.any(char_ids > 0, axis=-1), bos, eos)
+
+
+def boundary_embeddings(params: dict, options: BiLMOptions) -> tuple[jax.Array, jax.Array]:
+    """Token vectors of <S> and </S>: two (projection_dim,) arrays."""
+    ids = jnp.stack([jnp.asarray(i) for i in boundary_char_ids(options.char_cnn.max_characters_per_token)])
+    vectors = token_embedding(params, options, ids)
+    return vectors[0], vectors[1]
 
 
 def initial_state(options: BiLMOptions, batch: int, dtype=jnp.float32) -> BiLMState:
@@ -169,8 +183,24 @@ def bilm(params: dict, options: BiLMOptions, char_ids: jax.Array, state: BiLMSta
       BiLMOutput (activations (n_layers + 1, batch, time + 2, 2 * projection_dim), mask (batch, time + 2)),
       and the final BiLMState.
     """
-    char_ids, mask = add_sentence_boundaries(char_ids)
+    char_ids, mask = char_ids_with_boundaries(char_ids)
     return bilm_from_token_embeddings(params, options, token_embedding(params, options, char_ids), mask, state)
+
+
+def bilm_from_word_ids(params: dict, options: BiLMOptions, cache: jax.Array, word_ids: jax.Array,
+                       state: BiLMState | None = None):
+    """The biLM with token vectors looked up in a vocabulary cache instead of computed from characters.
+
+    Args:
+      cache: (vocab, projection_dim) from ``BiLM.embed_vocabulary(words)``; row 0 is the padding entry.
+      word_ids: (batch, time) int32 indices into the cache, 0 = padding (AllenNLP's ``word_inputs``).
+    Returns:
+      as ``bilm``; the numbers equal the char path's for the same words.
+    """
+    bos, eos = boundary_embeddings(params, options)
+    mask = word_ids > 0
+    embeddings, mask = add_sentence_boundaries(jnp.take(cache, word_ids, axis=0), mask, bos, eos)
+    return bilm_from_token_embeddings(params, options, embeddings, mask, state)
 
 
 @functools.partial(jax.jit, static_argnames=("options",))

@@ -1,0 +1,61 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from elmo_jax.lstm import LSTMState, bidirectional_layer, lstm_layer, zero_state
+from tests.reference import lstm_run
+
+BATCH, TIME, IN, DIM, PROJ = 3, 7, 5, 6, 5
+
+
+def _params(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {"kernel": jax.random.normal(k1, (IN + PROJ, 4 * DIM)) * 0.5,
+            "bias": jax.random.normal(k2, (4 * DIM,)) * 0.1,
+            "projection": jax.random.normal(k3, (DIM, PROJ)) * 0.5}
+
+
+def _inputs():
+    xs = jax.random.normal(jax.random.key(1), (BATCH, TIME, IN))
+    lengths = np.array([7, 4, 1])
+    mask = np.arange(TIME)[None, :] < lengths[:, None]
+    return xs, jnp.asarray(mask), lengths
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("clip", [None, 0.3])
+def test_layer_matches_loop_per_sentence(reverse, clip):
+    params = _params(jax.random.key(0))
+    xs, mask, lengths = _inputs()
+    ys, state = lstm_layer(params, xs, mask, zero_state(BATCH, DIM, PROJ), cell_clip=clip, proj_clip=clip,
+                           reverse=reverse)
+    for b, n in enumerate(lengths):
+        sentence = np.asarray(xs[b, :n], np.float64)
+        expected, (h, c) = lstm_run(params, sentence[::-1] if reverse else sentence, clip, clip)
+        expected = expected[::-1] if reverse else expected
+        np.testing.assert_allclose(ys[b, :n], expected, atol=1e-5)
+        assert np.all(np.asarray(ys[b, n:]) == 0)  # padding emits zeros
+        np.testing.assert_allclose(state.h[b], h, atol=1e-5)  # padding never changes the state
+        np.testing.assert_allclose(state.c[b], c, atol=1e-5)
+
+
+def test_initial_state_is_used():
+    params = _params(jax.random.key(0))
+    xs, mask, _ = _inputs()
+    start = LSTMState(h=jnp.full((BATCH, PROJ), 0.2), c=jnp.full((BATCH, DIM), -0.4))
+    ys, _ = lstm_layer(params, xs, mask, start)
+    expected, _ = lstm_run(params, np.asarray(xs[0], np.float64), None, None, h=np.full(PROJ, 0.2), c=np.full(DIM, -0.4))
+    np.testing.assert_allclose(ys[0], expected, atol=1e-5)
+
+
+def test_bidirectional_layer_equals_two_layers():
+    forward, backward = _params(jax.random.key(0)), _params(jax.random.key(5))
+    xs, mask, _ = _inputs()
+    xs_back = xs * 2.0
+    state = (zero_state(BATCH, DIM, PROJ), LSTMState(jnp.ones((BATCH, PROJ)) * 0.1, jnp.ones((BATCH, DIM)) * 0.1))
+    (fw, bw), (fs, bs) = bidirectional_layer(forward, backward, (xs, xs_back), mask, state, cell_clip=1.0)
+    fw_ref, fs_ref = lstm_layer(forward, xs, mask, state[0], cell_clip=1.0)
+    bw_ref, bs_ref = lstm_layer(backward, xs_back, mask, state[1], cell_clip=1.0, reverse=True)
+    for a, b in [(fw, fw_ref), (bw, bw_ref), (fs.h, fs_ref.h), (fs.c, fs_ref.c), (bs.h, bs_ref.h), (bs.c, bs_ref.c)]:
+        np.testing.assert_allclose(a, b, atol=1e-6)
