@@ -31,7 +31,7 @@ from .sharding import by_batch, data_mesh, replicated, round_up
 from .weights import write_atomic
 
 OUTPUT_MODES = ("all", "top", "average", "token")
-DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128)
+DEFAULT_BUCKETS = (8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -152,9 +152,16 @@ class Embedder:
             ids = self._char_ids[token] = token_to_char_ids(token, self.options.char_cnn.max_characters_per_token)
         return ids
 
+    def _row_bucket(self, n: int) -> int:
+        """Rows of a batch of n sentences: full batches keep batch_size, a short one pads to a power of two."""
+        rows = 1
+        while rows < n:
+            rows *= 2
+        return round_up(min(rows, self.batch_size), self.n_devices)
+
     def prepare(self, sentences: Sequence[Sequence[str]], positions: Sequence[int]) -> PreparedBatch:
         """Dedupe and pad one batch (host arrays, shapes bucketed and divisible by the device count)."""
-        rows = round_up(self.batch_size, self.n_devices)  # a short last batch is padded: one shape
+        rows = self._row_bucket(len(positions))
         lengths = np.array([len(sentences[p]) for p in positions])
         time_steps = bucket_length(int(lengths.max()), self.buckets)
         distinct = {BOS_TOKEN: 0, EOS_TOKEN: 1}
