@@ -1,9 +1,10 @@
 """Embedding text at speed: ``Embedder`` (AllenNLP's ``ElmoEmbedder``) over the pure biLM functions.
 
 How a stream of sentences is embedded:
-1. Read a window of sentences, sort them by length and cut them into batches of ``batch_size`` rows.
-   Each batch is padded to a bucket length (``buckets``; longer sentences round up to a multiple of the
-   largest bucket), so jit compiles a small, bounded number of programs whatever the input.
+1. Read a window of sentences, sort them by length and cut them into batches of at most ``batch_size``
+   rows where padding costs least (``plan_batches``). Each batch is padded to a bucket length (``buckets``;
+   longer sentences round up to a multiple of the largest bucket) and a power-of-two row count, so jit
+   compiles a small, bounded number of programs whatever the input.
 2. Dedupe tokens: the char CNN + highway run once per distinct token of the batch (plus <S>, </S>),
    padded to a bucketed count; with a vocabulary cache, known tokens skip even that.
 3. The biLM runs stateless from zero state, so no number depends on batching, order or neighbours.
@@ -41,6 +42,44 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
         if length <= bucket:
             return bucket
     return round_up(length, buckets[-1])  # longer than every bucket: still embedded, one more shape
+
+
+def row_bucket(n: int, batch_size: int, n_devices: int = 1) -> int:
+    """Rows a batch of n sentences is padded to: the next power of two, at most batch_size, divisible by n_devices."""
+    rows = 1
+    while rows < n:
+        rows *= 2
+    return round_up(min(rows, batch_size), n_devices)
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, buckets: Sequence[int], n_devices: int = 1,
+                 min_rows: int = 16) -> list[tuple[int, int]]:
+    """Cut sentences sorted by length into batches that minimise the padded work.
+
+    A batch of sentences i..j-1 costs bucket(longest) x max(padded rows, min_rows) LSTM row-steps: below
+    ``min_rows`` rows a step costs about the same, since it is bound by reading the weights. Dynamic
+    programming over the sorted order (O(len x batch_size)) finds the cheapest cut.
+
+    Args:
+      lengths: sentence lengths in increasing order.
+    Returns:
+      [(start, end)] covering range(len(lengths)) in order, each at most batch_size long.
+    """
+    n = len(lengths)
+    padded = [bucket_length(length, buckets) for length in lengths]
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(max(0, end - batch_size), end):
+            rows = max(row_bucket(end - start, batch_size, n_devices), min_rows)
+            cost = best[start] + padded[end - 1] * rows
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    batches, end = [], n
+    while end > 0:
+        batches.append((cut[end], end))
+        end = cut[end]
+    return batches[::-1]
 
 
 def distinct_count_bucket(n: int) -> int:
@@ -114,7 +153,7 @@ class Embedder:
     def __init__(self, options_file: str | os.PathLike | None = None, weight_file: str | os.PathLike | None = None,
                  *, model: BiLM | None = None, batch_size: int = 64, dtype: str = "float32", devices=None,
                  buckets: Sequence[int] = DEFAULT_BUCKETS, vocab: Iterable[str] | None = None,
-                 window_batches: int = 16):
+                 window_batches: int = 16, min_rows: int = 32):
         if model is None:
             if options_file is None or weight_file is None:
                 raise ValueError("Embedder needs options_file and weight_file (or model=BiLM)")
@@ -127,7 +166,7 @@ class Embedder:
             raise ValueError(f"buckets must be increasing positive lengths, found {buckets}")
         self.model, self.options = model, model.options
         self.batch_size, self.dtype, self.buckets = batch_size, DTYPES[dtype], tuple(buckets)
-        self.window_batches = window_batches
+        self.window_batches, self.min_rows = window_batches, min_rows
         self.mesh = data_mesh(devices)
         self.n_devices = self.mesh.devices.size
         self.params = jax.device_put(model.params, replicated(self.mesh))
@@ -152,16 +191,9 @@ class Embedder:
             ids = self._char_ids[token] = token_to_char_ids(token, self.options.char_cnn.max_characters_per_token)
         return ids
 
-    def _row_bucket(self, n: int) -> int:
-        """Rows of a batch of n sentences: full batches keep batch_size, a short one pads to a power of two."""
-        rows = 1
-        while rows < n:
-            rows *= 2
-        return round_up(min(rows, self.batch_size), self.n_devices)
-
     def prepare(self, sentences: Sequence[Sequence[str]], positions: Sequence[int]) -> PreparedBatch:
         """Dedupe and pad one batch (host arrays, shapes bucketed and divisible by the device count)."""
-        rows = self._row_bucket(len(positions))
+        rows = row_bucket(len(positions), self.batch_size, self.n_devices)
         lengths = np.array([len(sentences[p]) for p in positions])
         time_steps = bucket_length(int(lengths.max()), self.buckets)
         distinct = {BOS_TOKEN: 0, EOS_TOKEN: 1}
@@ -233,8 +265,9 @@ class Embedder:
         results: list[np.ndarray | None] = [None] * len(window)
         order = sorted((p for p in range(len(window)) if len(window[p]) > 0), key=lambda p: len(window[p]))
         in_flight = None
-        for start in range(0, len(order), self.batch_size):
-            batch = self.prepare(window, order[start : start + self.batch_size])
+        lengths = [len(window[p]) for p in order]
+        for start, end in plan_batches(lengths, self.batch_size, self.buckets, self.n_devices, self.min_rows):
+            batch = self.prepare(window, order[start:end])
             output = self.run(batch, mode)  # asynchronous: the next batch is prepared meanwhile
             if in_flight is not None:
                 self._collect(*in_flight, results, sentence_vectors)

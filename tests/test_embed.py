@@ -144,3 +144,13 @@ def test_interrupted_run_leaves_no_file(tiny_model, tmp_path):
         Embedder(model=tiny_model, batch_size=1, window_batches=1).embed_file(Exploding(), tmp_path / "o.hdf5",
                                                                                progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bfloat16_compute_stays_close_to_float32(tiny_model, expected):
+    sentences, want = expected
+    embedder = Embedder(model=tiny_model, batch_size=8, dtype="bfloat16")
+    got = list(embedder.embed_sentences(sentences[:6]))
+    assert all(g.dtype == np.float32 for g in got)
+    worst = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
+    scale = max(float(np.abs(w).max()) for w in want[:6])
+    assert 0 < worst < 0.05 * scale, (worst, scale)  # bf16 has an 8-bit mantissa: ~1e-2 relative
