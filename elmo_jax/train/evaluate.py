@@ -17,7 +17,7 @@ from ..characters import Vocabulary
 from ..options import BiLMOptions
 from .data import DataError, LMDataset
 from .loss import eval_loss, initial_lm_state
-from .trainer import TrainConfig, TrainError, TrainState, _compiled, _optimizer_settings, load_config
+from .trainer import TrainConfig, TrainError, TrainState, _init_fn, _optimizer_settings, load_config
 
 
 @functools.partial(jax.jit, static_argnames=("options",))
@@ -77,8 +77,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[dict,
     if step is None:
         raise TrainError(f"{run_dir}: no checkpoint in {run_dir}/checkpoints")
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    init, _ = _compiled(config.options, _optimizer_settings(config), mesh)
-    target = jax.eval_shape(init, jax.random.PRNGKey(0), None)
+    target = jax.eval_shape(_init_fn(config.options, _optimizer_settings(config)), jax.random.PRNGKey(0), None)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
     try:

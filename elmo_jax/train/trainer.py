@@ -134,31 +134,47 @@ def train_step(state: TrainState, batch: dict, vocab_char_ids: jax.Array | None,
     grads, (loss, (losses, lstm_state)) = jax.grad(objective, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **{f"{d}_loss": v for d, v in losses.items()}, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, **{f"{d}_loss": v for d, v in losses.items()}, "grad_norm": optax.tree.norm(grads)}
     new_state = TrainState(params, opt_state, state.step + 1, lstm_state, state.data_position + 1, state.key)
     return new_state, metrics
 
 
 @functools.lru_cache(maxsize=16)
 def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh):
-    """The jitted init(key, bilm_params | None) -> TrainState and train step for one (options, optimiser, mesh).
+    """init(key, bilm_params | None) -> TrainState placed on the mesh, and the jitted train step, for one
+    (options, optimiser, mesh).
 
     Cached so that several Trainers of one process (resume, evaluation, tests) share one compilation.
     """
     optimizer = _make_optimizer(*optimizer_settings)
     replicated, by_batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     shardings = TrainState(replicated, replicated, replicated, by_batch, replicated, replicated)
+    unplaced = _init_fn(options, optimizer_settings)
+    placed = jax.jit(unplaced.__wrapped__, out_shardings=shardings)
 
+    def init(key, bilm_params):
+        if jax.process_count() == 1:  # one compiled init for every mesh; placing is a copy
+            return jax.device_put(unplaced(key, bilm_params), shardings)
+        return placed(key, bilm_params)  # multi-host: every process computes the same replicated values
+
+    step = functools.partial(train_step, options=options, optimizer=optimizer)
+    return init, jax.jit(step, in_shardings=(shardings, by_batch, replicated), out_shardings=(shardings, replicated),
+                         donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(options: BiLMOptions, optimizer_settings: tuple):
+    """The jitted, device-agnostic init(key, bilm_params | None) -> TrainState."""
+    optimizer = _make_optimizer(*optimizer_settings)
+
+    @jax.jit
     def init(key, bilm_params):
         params = init_train_params(options, key, bilm_params)
         lstm_state = initial_lm_state(options, options.training.batch_size)
         return TrainState(params, optimizer.init(params), jnp.int32(0), lstm_state, jnp.int32(0),
                           jax.random.fold_in(key, 1))
 
-    step = functools.partial(train_step, options=options, optimizer=optimizer)
-    return (jax.jit(init, out_shardings=shardings),
-            jax.jit(step, in_shardings=(shardings, by_batch, replicated), out_shardings=(shardings, replicated),
-                    donate_argnums=0))
+    return init
 
 
 def initialize_distributed() -> None:
