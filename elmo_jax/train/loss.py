@@ -55,7 +55,10 @@ def init_train_params(options: BiLMOptions, key: jax.Array, bilm_params: dict | 
         for direction in DIRECTIONS:
             for layer in bilm_params["lstm"][direction]:
                 layer["kernel"] = jax.random.uniform(next(keys), layer["kernel"].shape, jnp.float32, -0.05, 0.05)
-    params = jax.tree.map(jnp.asarray, {k: v for k, v in bilm_params.items() if k != "softmax"})
+    # Strongly typed float32 (init_params' jnp.full leaves are weak), so the step's output state has the
+    # same types as its input and the jitted step compiles once.
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), {k: v for k, v in bilm_params.items()
+                                                                   if k != "softmax"})
     params["softmax"] = init_softmax(options, softmax_key)
     return params
 
