@@ -195,6 +195,13 @@ def test_export_reloads_with_identical_activations(trained, tmp_path):
     assert table.shape == (N_VOCAB, 8)
     np.testing.assert_allclose(table, model.embed_vocabulary(load_vocabulary(VOCAB).words), atol=1e-6)
 
+    # Fine-tuning starts from the exported biLM with a fresh softmax.
+    tuned = Trainer(_config(n_steps=2, init_weights=str(weights)), tmp_path / "tune", devices=jax.devices()[:1],
+                    log_stream=io.StringIO())
+    _params_close({k: v for k, v in tuned.state.params.items() if k != "softmax"}, trained_bilm, 0.0)
+    assert not np.allclose(tuned.state.params["softmax"]["W"], params["softmax"]["W"])
+    assert np.isfinite(tuned.train()[-1]["loss"])
+
 
 # ---------------------------------------------------------------- (e) errors and the CLI
 
