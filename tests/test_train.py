@@ -152,6 +152,15 @@ def test_resume_continues_exactly(tmp_path):
     _params_close(straight.state.opt_state, resumed.state.opt_state, 1e-6)
 
 
+def test_non_finite_loss_raises(tmp_path):
+    trainer = Trainer(_config(n_steps=2, log_every=1), tmp_path / "nan", devices=jax.devices()[:1],
+                      log_stream=io.StringIO())
+    params = dict(trainer.state.params, projection={k: v * jnp.nan for k, v in trainer.state.params["projection"].items()})
+    trainer.state = trainer.state._replace(params=params)
+    with pytest.raises(TrainError, match="non-finite loss at step 1"):
+        trainer.train()
+
+
 # ---------------------------------------------------------------- (c) data parallel
 
 

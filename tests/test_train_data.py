@@ -74,6 +74,16 @@ def test_start_position_resumes_exactly():
             np.testing.assert_array_equal(a[name], b[name])
 
 
+def test_row_ranges_are_slices_of_the_global_batch():
+    full = LMDataset(DATA, _vocab(), batch_size=4, unroll_steps=6, seed=2)
+    halves = [LMDataset(DATA, _vocab(), batch_size=4, unroll_steps=6, seed=2, rows=rows) for rows in ((0, 2), (2, 4))]
+    for whole, *parts in itertools.islice(zip(full.batches(), *(h.batches(start=0) for h in halves)), 15):
+        for name in whole:
+            np.testing.assert_array_equal(whole[name], np.concatenate([p[name] for p in parts]))
+    with pytest.raises(DataError, match="rows"):
+        LMDataset(DATA, _vocab(), batch_size=4, unroll_steps=6, rows=(3, 5))
+
+
 def test_epochs_are_shuffled_by_seed(tmp_path):
     pattern = _shards(tmp_path, [f"w{i} w{i}\n" for i in range(6)])
     vocab = Vocabulary(["<S>", "</S>", "<UNK>"] + [f"w{i}" for i in range(6)])

@@ -105,10 +105,12 @@ class LMDataset:
       loop: endless epochs (training); False stops after one pass and drops the last, partial batch
         (bilm-tf's test mode).
       max_chars: characters per token.
+      rows: (first, end) of the batch rows to build (multi-host: each host builds only its own rows of the
+        global batch; every host still follows all rows' positions, so the streams are the global ones).
     """
 
     def __init__(self, pattern: str, vocab: Vocabulary, batch_size: int, unroll_steps: int, *, seed: int = 0,
-                 shuffle: bool = True, loop: bool = True, max_chars: int = 50):
+                 shuffle: bool = True, loop: bool = True, max_chars: int = 50, rows: tuple[int, int] | None = None):
         if batch_size < 1 or unroll_steps < 1:
             raise DataError(f"batch_size and unroll_steps must be >= 1, found {batch_size} and {unroll_steps}")
         for special in (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN):
@@ -117,6 +119,9 @@ class LMDataset:
         self.pattern, self.files = pattern, shard_files(pattern)
         self.vocab, self.batch_size, self.unroll_steps = vocab, batch_size, unroll_steps
         self.seed, self.shuffle, self.loop, self.max_chars = seed, shuffle, loop, max_chars
+        self.rows = (0, batch_size) if rows is None else tuple(rows)
+        if not 0 <= self.rows[0] < self.rows[1] <= batch_size:
+            raise DataError(f"rows {self.rows} must be a non-empty range within the batch of {batch_size} rows")
         self._char_cache: dict[str, np.ndarray] = {}
 
     def sentences(self) -> Iterator[_Sentence]:
@@ -138,7 +143,7 @@ class LMDataset:
     def batches(self, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Batches from position ``start`` (batches already read) on.
 
-        Each batch is a dict of numpy arrays:
+        Each batch is a dict of numpy arrays (batch = the rows built, all by default):
           token_ids, next_token_id (batch, unroll_steps) int32; char_ids (batch, unroll_steps, max_chars) int32;
           and token_ids_reverse, next_token_id_reverse, char_ids_reverse for the backward stream.
         """
@@ -155,13 +160,15 @@ class LMDataset:
 
     def _fill(self, stream: Iterator[_Sentence], rows: list[list], write: bool) -> dict[str, np.ndarray] | None:
         """One batch: advance every row by unroll_steps tokens (bilm-tf's _get_batch); None at the end of data."""
-        batch, steps = self.batch_size, self.unroll_steps
+        first, end = self.rows
+        batch, steps = end - first, self.unroll_steps
         if write:
             out = {name: np.zeros((batch, steps), np.int32)
                    for name in ("token_ids", "next_token_id", "token_ids_reverse", "next_token_id_reverse")}
             out["char_ids"] = np.zeros((batch, steps, self.max_chars), np.int32)
             out["char_ids_reverse"] = np.zeros((batch, steps, self.max_chars), np.int32)
-        for i, row in enumerate(rows):
+        for r, row in enumerate(rows):
+            i, write_row = r - first, write and first <= r < end
             pos = 0
             while pos < steps:
                 sentence, offset = row
@@ -171,7 +178,7 @@ class LMDataset:
                         return None
                     row[0], row[1], offset = sentence, 0, 0
                 n = min(len(sentence.ids) - 1 - offset, steps - pos)
-                if write:
+                if write_row:
                     ids, chars = sentence.ids, sentence.char_ids(self._char_cache, self.max_chars)
                     rev_ids, rev_chars = ids[::-1], chars[::-1]
                     out["token_ids"][i, pos : pos + n] = ids[offset : offset + n]

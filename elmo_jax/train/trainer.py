@@ -217,8 +217,10 @@ class Trainer:
         replicated, self.by_batch = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
         # ---- data
         self.vocab = load_vocabulary(config.vocab_file, t.n_tokens_vocab)
+        local = t.batch_size // jax.process_count()  # this host's rows of the global batch
         self.dataset = LMDataset(config.train_prefix, self.vocab, t.batch_size, t.unroll_steps, seed=config.seed,
-                                 max_chars=options.char_cnn.max_characters_per_token)
+                                 max_chars=options.char_cnn.max_characters_per_token,
+                                 rows=(jax.process_index() * local, (jax.process_index() + 1) * local))
         self.vocab_char_ids = None
         if t.share_embedding_softmax:
             self.vocab_char_ids = jax.device_put(self.vocab.char_ids(options.char_cnn.max_characters_per_token),
@@ -250,17 +252,14 @@ class Trainer:
                              f"it or choose a new run directory")
         _write_json(os.path.join(self.run_dir, "config.json"), config.to_dict())
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Global numpy batch -> arrays sharded by rows; each process contributes only its own rows."""
-        n, index = jax.process_count(), jax.process_index()
-        out = {}
-        for name, value in batch.items():
-            rows = value.shape[0] // n
-            out[name] = jax.make_array_from_process_local_data(self.by_batch, value[index * rows : (index + 1) * rows],
-                                                               value.shape)
-        return out
+        """This process's rows of the global batch (numpy) -> global arrays sharded by rows."""
+        n = jax.process_count()
+        return {name: jax.make_array_from_process_local_data(self.by_batch, value, (value.shape[0] * n,
+                                                                                    *value.shape[1:]))
+                for name, value in batch.items()}
 
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """One train step on a numpy batch; updates self.state and returns the metrics (on device)."""
+        """One train step on this process's rows of a batch (numpy); updates self.state, returns the metrics."""
         self.state, metrics = self._step(self.state, self.put_batch(batch), self.vocab_char_ids)
         return metrics
 
