@@ -46,15 +46,22 @@ def init_softmax(options: BiLMOptions, key: jax.Array) -> dict:
 def init_train_params(options: BiLMOptions, key: jax.Array, bilm_params: dict | None = None) -> dict:
     """biLM params (random, or ``bilm_params`` for fine-tuning) plus a fresh "softmax" entry.
 
-    Random LSTM kernels use bilm-tf's uniform(-0.05, 0.05) initialiser; the rest comes from ``init_params``.
+    Random init follows bilm-tf where it differs from ``init_params``: relu convolution kernels
+    uniform(-0.05, 0.05) (Kim et al.), LSTM kernels and projections TF's default glorot_uniform.
     """
     bilm_key, lstm_key, softmax_key = jax.random.split(key, 3)
     if bilm_params is None:
         bilm_params = init_params(options, bilm_key)
-        keys = iter(jax.random.split(lstm_key, 2 * options.lstm.n_layers))
+        keys = iter(jax.random.split(lstm_key, 4 * options.lstm.n_layers + len(options.char_cnn.filters)))
+        if options.char_cnn.activation == "relu":
+            for conv in bilm_params["convolutions"]:
+                conv["kernel"] = jax.random.uniform(next(keys), conv["kernel"].shape, jnp.float32, -0.05, 0.05)
         for direction in DIRECTIONS:
             for layer in bilm_params["lstm"][direction]:
-                layer["kernel"] = jax.random.uniform(next(keys), layer["kernel"].shape, jnp.float32, -0.05, 0.05)
+                for name in ("kernel", "projection"):
+                    fan_in, fan_out = layer[name].shape
+                    limit = np.sqrt(6.0 / (fan_in + fan_out))
+                    layer[name] = jax.random.uniform(next(keys), (fan_in, fan_out), jnp.float32, -limit, limit)
     # Strongly typed float32 (init_params' jnp.full leaves are weak), so the step's output state has the
     # same types as its input and the jitted step compiles once.
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), {k: v for k, v in bilm_params.items()
