@@ -46,6 +46,7 @@ def perplexity(params: dict, options: BiLMOptions, files: str, vocab: Vocabulary
     max_chars = options.char_cnn.max_characters_per_token
     data = LMDataset(files, vocab, batch_size, unroll_steps, shuffle=False, loop=False, max_chars=max_chars)
     vocab_char_ids = jnp.asarray(vocab.char_ids(max_chars)) if options.training.share_embedding_softmax else None
+    params = jax.device_put(params)  # once, not per batch
     state = initial_lm_state(options, batch_size)
     totals: dict[str, float] = {}
     n = 0

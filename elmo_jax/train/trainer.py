@@ -331,4 +331,7 @@ def load_config(run_dir: str | os.PathLike) -> TrainConfig:
             raw = json.load(f)
     except (OSError, json.JSONDecodeError) as error:
         raise TrainError(f"{path}: not a run directory's config ({error})") from None
-    return TrainConfig.from_dict(raw, source=path)
+    try:
+        return TrainConfig.from_dict(raw, source=path)
+    except (TypeError, KeyError, AttributeError) as error:
+        raise TrainError(f"{path}: not a TrainConfig of this version ({error})") from None
