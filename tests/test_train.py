@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elmo_jax import BiLM, bilm
+from elmo_jax import BiLM, bilm, token_embedding
 from elmo_jax.options import BiLMOptions
 from elmo_jax.train import commands
 from elmo_jax.train.data import DataError, load_vocabulary
@@ -18,9 +18,11 @@ from elmo_jax.train.evaluate import export, load_run, perplexity
 from elmo_jax.train.loss import (
     expected_count,
     full_softmax_loss,
+    init_softmax,
     log_uniform_probs,
     sample_candidates,
     sampled_softmax_loss,
+    softmax_rows,
 )
 from elmo_jax.train.trainer import TrainConfig, Trainer, TrainError
 
@@ -117,6 +119,20 @@ def test_sampled_softmax_removes_accidental_hits_and_subtracts_log_q():
         logits = np.array([true, *negatives])
         expected.append(np.log(np.exp(logits).sum()) - true)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_tied_softmax_uses_the_token_embeddings_of_the_vocabulary(trained):
+    options = BiLMOptions.from_dict({**TINY, "share_embedding_softmax": True})
+    softmax = init_softmax(options, jax.random.PRNGKey(0))
+    assert set(softmax) == {"b"}  # no separate weights to train
+    params = {**jax.device_get(trained[0].state.params), "softmax": softmax}
+    vocab_char_ids = jnp.asarray(load_vocabulary(VOCAB).char_ids())
+    ids = jnp.array([0, 5, 31])
+    rows = jax.jit(softmax_rows, static_argnums=1)(params, options, ids, vocab_char_ids)
+    expected = jax.jit(token_embedding, static_argnums=1)(params, options, vocab_char_ids[ids])
+    np.testing.assert_array_equal(rows, expected)
+    with pytest.raises(ValueError, match="vocab_char_ids"):
+        softmax_rows(params, options, ids, None)
 
 
 # ---------------------------------------------------------------- (a) training works
