@@ -53,8 +53,8 @@ def init_params(options: BiLMOptions, key: jax.Array) -> dict:
             for width, num in cnn.filters
         ],
         "highway": [
-            {"carry": {"kernel": normal((n_filters, n_filters), n_filters), "bias": jnp.full((n_filters,), -2.0)},
-             "transform": {"kernel": normal((n_filters, n_filters), n_filters), "bias": jnp.zeros((n_filters,))}}
+            {"carry": {"kernel": normal((n_filters, n_filters), n_filters), "bias": jnp.full((n_filters,), -2.0, jnp.float32)},
+             "transform": {"kernel": normal((n_filters, n_filters), n_filters), "bias": jnp.zeros((n_filters,), jnp.float32)}}
             for _ in range(cnn.n_highway)
         ],
         "projection": {"kernel": normal((n_filters, proj), n_filters), "bias": jnp.zeros((proj,), jnp.float32)},

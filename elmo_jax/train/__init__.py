@@ -1,0 +1,4 @@
+"""Pretraining and fine-tuning a biLM with bilm-tf's semantics (data, loss, trainer, evaluation, export, CLI).
+
+Nothing in the embedding path imports this package.
+"""

@@ -1,0 +1,145 @@
+"""The ``elmo-jax train | perplexity | export`` subcommands.
+
+Wiring: ``elmo_jax/cli.py`` calls ``register(subparsers)`` on its ``argparse`` subparsers and then
+``args.func(args)``. Each function returns 0 on success; bad input (missing files, bad options,
+unwritable run dir, ...) prints one line ``elmo-jax <command>: error: <message>`` to stderr and exits
+with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from ..characters import TokenError
+from ..options import BiLMOptions, OptionsError
+from ..weights import WeightsError
+from .data import DataError
+from .trainer import TrainError
+
+_ERRORS = (DataError, TrainError, OptionsError, WeightsError, TokenError, OSError, ValueError)
+
+
+def register(subparsers) -> None:
+    """Add the train, perplexity and export subcommands to an argparse subparsers object."""
+    p = subparsers.add_parser("train", help="pretrain (or fine-tune) a biLM as bilm-tf does",
+                              description="Pretrain a biLM on sharded text (one tokenized sentence per line).")
+    p.add_argument("--train-prefix", help="glob of training shards, e.g. 'data/*.txt' (quote it)")
+    p.add_argument("--vocab", help="vocabulary file, frequency-sorted, <S> </S> <UNK> first")
+    p.add_argument("--options", help="options.json (bilm-tf layout, with the training fields)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, config.json, metrics.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out exactly")
+    p.add_argument("--steps", type=int, help="train this many (more) steps; default: n_epochs * n_train_tokens "
+                                             "/ (batch_size * unroll_steps)")
+    p.add_argument("--init-weights", help="fine-tune: start from this HDF5 biLM (the softmax starts fresh)")
+    p.add_argument("--devices", type=int, help="use the first N local devices (default: all)")
+    p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize() first")
+    p.add_argument("--seed", type=int, default=0, help="seed of init, data order and dropout (default 0)")
+    p.add_argument("--log-every", type=int, default=100, help="log and append metrics every N steps (default 100)")
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint every N steps (default 1000)")
+    p.add_argument("--learning-rate", type=float, default=0.2, help="Adagrad learning rate (default 0.2)")
+    p.set_defaults(func=train_command)
+
+    p = subparsers.add_parser("perplexity", help="test perplexity with the full softmax (bilm-tf's run_test)",
+                              description="Full-softmax perplexity of a trained biLM on test shards. The "
+                                          "softmax comes from a run directory (published HDF5 files have none).")
+    p.add_argument("--test-prefix", required=True, help="glob of test shards")
+    p.add_argument("--vocab", required=True, help="the training vocabulary")
+    p.add_argument("--run-dir", help="training run directory (params and softmax of its latest checkpoint)")
+    p.add_argument("--options", help="options.json (default: the run's)")
+    p.add_argument("--weights", help="HDF5 biLM weights to use instead of the run's biLM params")
+    p.add_argument("--batch-size", type=int, default=256, help="rows per batch (default 256, as bilm-tf)")
+    p.add_argument("--unroll-steps", type=int, default=1, help="tokens per window (default 1, as bilm-tf)")
+    p.set_defaults(func=perplexity_command)
+
+    p = subparsers.add_parser("export", help="write a run's biLM as weights.hdf5 + options.json",
+                              description="Export the biLM (no softmax) in the published HDF5 layout.")
+    p.add_argument("run_dir", help="training run directory")
+    p.add_argument("--weights", required=True, help="output HDF5 weights")
+    p.add_argument("--options", required=True, help="output options.json (n_characters 262)")
+    p.add_argument("--vocab", help="also write token embeddings of these words")
+    p.add_argument("--token-embeddings", help="output HDF5 of token embeddings (key 'embedding')")
+    p.set_defaults(func=export_command)
+
+
+def _fail(command: str, message: str) -> None:
+    print(f"elmo-jax {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    try:
+        if args.distributed:
+            from .trainer import initialize_distributed
+
+            initialize_distributed()
+        import jax
+
+        from .trainer import TrainConfig, Trainer, load_config
+
+        if args.resume:
+            config = load_config(args.out)
+        else:
+            missing = [flag for flag, value in (("--train-prefix", args.train_prefix), ("--vocab", args.vocab),
+                                                ("--options", args.options)) if not value]
+            if missing:
+                _fail("train", f"{', '.join(missing)} required for a new run (or pass --resume)")
+            config = TrainConfig(BiLMOptions.from_path(args.options), args.train_prefix, args.vocab,
+                                 learning_rate=args.learning_rate, seed=args.seed, n_steps=args.steps,
+                                 log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                                 init_weights=args.init_weights)
+        for name in ("steps", "devices", "log_every", "checkpoint_every"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                _fail("train", f"--{name.replace('_', '-')} must be >= 1, found {value}")
+        devices = None
+        if args.devices is not None:
+            if args.devices > jax.local_device_count():
+                _fail("train", f"--devices {args.devices}: only {jax.local_device_count()} local devices")
+            devices = jax.local_devices()[: args.devices]
+        trainer = Trainer(config, args.out, resume=args.resume, devices=devices)
+        trainer.train(args.steps if args.resume else None)
+    except _ERRORS as error:
+        _fail("train", str(error))
+    return 0
+
+
+def perplexity_command(args: argparse.Namespace) -> int:
+    try:
+        from .data import load_vocabulary
+        from .evaluate import load_run, perplexity
+
+        if args.run_dir is None:
+            _fail("perplexity", "--run-dir is required: the softmax is in the run's checkpoint (published HDF5 "
+                                "weights carry no softmax)")
+        params, config = load_run(args.run_dir)
+        options = config.options
+        if args.options:
+            found = BiLMOptions.from_path(args.options)
+            options = found.replace(training=dataclasses.replace(
+                found.training, n_tokens_vocab=found.training.n_tokens_vocab or options.training.n_tokens_vocab))
+        if args.weights:
+            from ..weights import load_hdf5
+
+            params = {**load_hdf5(args.weights, options), "softmax": params["softmax"]}
+        vocab = load_vocabulary(args.vocab, options.training.n_tokens_vocab)
+        result = perplexity(params, options, args.test_prefix, vocab, batch_size=args.batch_size,
+                            unroll_steps=args.unroll_steps)
+        print(json.dumps(result))
+    except _ERRORS as error:
+        _fail("perplexity", str(error))
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    try:
+        from .evaluate import export
+
+        if (args.vocab is None) != (args.token_embeddings is None):
+            _fail("export", "--vocab and --token-embeddings go together")
+        export(args.run_dir, args.weights, args.options, vocab=args.vocab, token_embeddings_out=args.token_embeddings)
+    except _ERRORS as error:
+        _fail("export", str(error))
+    return 0

@@ -1,0 +1,292 @@
+"""The training objective of bilm-tf: two LMs over the biLM's pieces, sampled softmax, dropout.
+
+Forward pass of one window (per row, state carried from the previous window):
+    x   = token_embedding(char_ids)                      (batch, unroll_steps, P)
+    per direction, per layer i: x_in = dropout(x); y = lstm_layer(x_in) (+ x_in if i > 0 and skip); x = y
+    out = dropout(x)                                     (batch, unroll_steps, P)
+The forward LM reads the forward stream, the backward LM reads the reversed stream; both run forward
+in time. Dropout placement is bilm-tf's: DropoutWrapper(input_keep_prob) around (ResidualWrapper around)
+each cell, and dropout on the flattened LSTM output before the softmax.
+
+Loss: mean over tokens of the sampled softmax (training) or full softmax (evaluation); the biLM loss
+is the mean of the forward and backward losses.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..bilm import init_params, token_embedding
+from ..lstm import LSTMState, lstm_layer, zero_state
+from ..options import BiLMOptions
+
+DIRECTIONS = ("forward", "backward")
+_HIT_LOGIT = float(np.finfo(np.float32).min)  # an accidental hit's logit: exp() of it is exactly 0
+
+
+# ---------------------------------------------------------------- params
+
+
+def init_softmax(options: BiLMOptions, key: jax.Array) -> dict:
+    """Softmax params: {"W": (n_tokens_vocab, P), "b": (n_tokens_vocab,)}; no "W" when tied to the token embeddings.
+
+    Initialised as bilm-tf: W ~ normal(0, 1 / sqrt(P)), b = 0.
+    """
+    vocab, proj = _n_vocab(options), options.lstm.projection_dim
+    softmax = {"b": jnp.zeros((vocab,), jnp.float32)}
+    if not options.training.share_embedding_softmax:
+        softmax["W"] = jax.random.normal(key, (vocab, proj), jnp.float32) / np.sqrt(proj)
+    return softmax
+
+
+def init_train_params(options: BiLMOptions, key: jax.Array, bilm_params: dict | None = None) -> dict:
+    """biLM params (random, or ``bilm_params`` for fine-tuning) plus a fresh "softmax" entry.
+
+    Random init follows bilm-tf where it differs from ``init_params``: relu convolution kernels
+    uniform(-0.05, 0.05) (Kim et al.), LSTM kernels and projections TF's default glorot_uniform.
+    """
+    bilm_key, lstm_key, softmax_key = jax.random.split(key, 3)
+    if bilm_params is None:
+        bilm_params = init_params(options, bilm_key)
+        keys = iter(jax.random.split(lstm_key, 4 * options.lstm.n_layers + len(options.char_cnn.filters)))
+        if options.char_cnn.activation == "relu":
+            for conv in bilm_params["convolutions"]:
+                conv["kernel"] = jax.random.uniform(next(keys), conv["kernel"].shape, jnp.float32, -0.05, 0.05)
+        for direction in DIRECTIONS:
+            for layer in bilm_params["lstm"][direction]:
+                for name in ("kernel", "projection"):
+                    fan_in, fan_out = layer[name].shape
+                    limit = np.sqrt(6.0 / (fan_in + fan_out))
+                    layer[name] = jax.random.uniform(next(keys), (fan_in, fan_out), jnp.float32, -limit, limit)
+    # Strongly typed float32 (init_params' jnp.full leaves are weak), so the step's output state has the
+    # same types as its input and the jitted step compiles once.
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), {k: v for k, v in bilm_params.items()
+                                                                   if k != "softmax"})
+    params["softmax"] = init_softmax(options, softmax_key)
+    return params
+
+
+def _n_vocab(options: BiLMOptions) -> int:
+    if options.training.n_tokens_vocab is None:
+        raise ValueError("options lack 'n_tokens_vocab': training needs the vocabulary size for the softmax")
+    return options.training.n_tokens_vocab
+
+
+def initial_lm_state(options: BiLMOptions, batch: int) -> dict:
+    """Zero carried state: {"forward": [LSTMState per layer], "backward": [...]} of (batch, ...) arrays."""
+    lstm = options.lstm
+    directions = DIRECTIONS if options.training.bidirectional else DIRECTIONS[:1]
+    return {d: [zero_state(batch, lstm.dim, lstm.projection_dim) for _ in range(lstm.n_layers)] for d in directions}
+
+
+# ---------------------------------------------------------------- the two LMs
+
+
+def dropout(x: jax.Array, rate: float, *, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout (tf.nn.dropout); identity when key is None or rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def lstm_stack(layers: list[dict], options: BiLMOptions, x: jax.Array, state: list[LSTMState], *,
+               key: jax.Array | None) -> tuple[jax.Array, list[LSTMState]]:
+    """One direction's stacked LSTM, forward in time, with bilm-tf's dropout and skip connections.
+
+    Args:
+      layers: lstm_layer params per layer; x: (batch, time, P); state: LSTMState per layer.
+    Returns:
+      (batch, time, P) output after output dropout, and the final LSTMState per layer.
+    """
+    lstm, rate = options.lstm, options.training.dropout
+    mask = jnp.ones(x.shape[:2], bool)  # windows are always full
+    new_state = []
+    for i, (params, layer_state) in enumerate(zip(layers, state)):
+        x_in = dropout(x, rate, key=None if key is None else jax.random.fold_in(key, i))
+        y, s = lstm_layer(params, x_in, mask, layer_state, cell_clip=lstm.cell_clip, proj_clip=lstm.proj_clip)
+        if i > 0 and lstm.use_skip_connections:
+            y = y + x_in  # ResidualWrapper inside DropoutWrapper: the skip adds the dropped input
+        new_state.append(s)
+        x = y
+    return dropout(x, rate, key=None if key is None else jax.random.fold_in(key, len(layers))), new_state
+
+
+def _stack(trees: list):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def lm_outputs(params: dict, options: BiLMOptions, batch: dict, state: dict, *, key: jax.Array | None = None):
+    """Top LSTM outputs of each LM on its stream.
+
+    The directions are stacked on a leading axis and ``lstm_stack`` is vmapped over it, so both LMs run
+    in one scan per layer (half the scans to compile and run).
+
+    Args:
+      batch: "char_ids" (batch, time, max_chars) and, if bidirectional, "char_ids_reverse".
+      state: carried state (see initial_lm_state); key: dropout key, None for none (evaluation).
+    Returns:
+      {"forward": (batch, time, P), "backward": ...} and the new carried state.
+    """
+    directions = list(state)
+    char_ids = jnp.stack([batch["char_ids" if d == "forward" else "char_ids_reverse"] for d in directions])
+    x = token_embedding(params, options, char_ids)  # (directions, batch, time, P)
+    layers = _stack([params["lstm"][d] for d in directions])
+    states = _stack([state[d] for d in directions])
+    if key is None:
+        out, new = jax.vmap(lambda p, x, s: lstm_stack(p, options, x, s, key=None))(layers, x, states)
+    else:
+        keys = jnp.stack([jax.random.fold_in(key, d) for d in range(len(directions))])
+        out, new = jax.vmap(lambda p, x, s, k: lstm_stack(p, options, x, s, key=k))(layers, x, states, keys)
+    outputs = {d: out[i] for i, d in enumerate(directions)}
+    new_state = {d: jax.tree.map(lambda a, i=i: a[i], new) for i, d in enumerate(directions)}
+    return outputs, new_state
+
+
+# ---------------------------------------------------------------- softmax
+
+
+def log_uniform_probs(n_vocab: int) -> jax.Array:
+    """P(k) = log((k + 2) / (k + 1)) / log(n_vocab + 1), the Zipfian sampler's law over ids 0..n-1; sums to 1."""
+    k = jnp.arange(n_vocab, dtype=jnp.float32)
+    return jnp.log1p(1.0 / (k + 1.0)) / jnp.log(n_vocab + 1.0)  # log((k+2)/(k+1)), precise for large k in float32
+
+
+def log_uniform_draws(key: jax.Array, n_vocab: int, n: int) -> jax.Array:
+    """n independent draws from log_uniform_probs (inverse CDF, as TF's LogUniformSampler): (n,) int32."""
+    u = jax.random.uniform(key, (n,), jnp.float32)
+    ids = jnp.floor(jnp.exp(u * jnp.log(n_vocab + 1.0))).astype(jnp.int32) - 1
+    return jnp.clip(ids, 0, n_vocab - 1)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def sample_candidates(key: jax.Array, n_vocab: int, n_sampled: int) -> tuple[jax.Array, jax.Array]:
+    """``n_sampled`` distinct ids drawn as TF's log_uniform_candidate_sampler(unique=True) draws them.
+
+    Draws with replacement, skipping repeats, until n_sampled distinct ids are found; counts the draws
+    (num_tries), which the expected counts need. Draws are made in chunks inside a while loop.
+    Returns:
+      ids (n_sampled,) int32 and num_tries () int32. With n_sampled >= n_vocab: every id, num_tries = -1.
+    """
+    if n_sampled >= n_vocab:
+        return jnp.arange(n_vocab, dtype=jnp.int32), jnp.int32(-1)
+    chunk = max(2 * n_sampled, 64)
+
+    def body(carry):
+        i, found, tries, seen, ids = carry
+        draws = log_uniform_draws(jax.random.fold_in(key, i), n_vocab, chunk)
+        order = jnp.argsort(draws, stable=True)
+        sorted_draws = draws[order]
+        first_sorted = jnp.concatenate([jnp.ones((1,), bool), sorted_draws[1:] != sorted_draws[:-1]])
+        first = jnp.zeros((chunk,), bool).at[order].set(first_sorted)  # first occurrence within the chunk
+        new = first & ~seen[draws]
+        rank = found + jnp.cumsum(new.astype(jnp.int32))  # distinct ids found up to and including each draw
+        take = new & (rank <= n_sampled)
+        ids = ids.at[jnp.where(take, rank - 1, n_sampled)].set(draws, mode="drop")
+        seen = seen.at[jnp.where(take, draws, n_vocab)].set(True, mode="drop")
+        done = rank >= n_sampled
+        tries = tries + jnp.where(jnp.any(done), jnp.argmax(done) + 1, chunk).astype(jnp.int32)
+        return i + 1, jnp.minimum(rank[-1], n_sampled), tries, seen, ids
+
+    init = (jnp.int32(0), jnp.int32(0), jnp.int32(0), jnp.zeros((n_vocab,), bool), jnp.zeros((n_sampled,), jnp.int32))
+    _, _, tries, _, ids = jax.lax.while_loop(lambda c: c[1] < n_sampled, body, init)
+    return ids, tries
+
+
+def expected_count(ids: jax.Array, num_tries: jax.Array, n_vocab: int, n_sampled: int) -> jax.Array:
+    """TF's expected count of each id among the sampled candidates: 1 - (1 - p)^num_tries (p * n_sampled when
+    num_tries == n_sampled); 1 when every id is a candidate (num_tries = -1). Shape of ids."""
+    p = log_uniform_probs(n_vocab)[ids]
+    unique = -jnp.expm1(num_tries.astype(jnp.float32) * jnp.log1p(-p))
+    count = jnp.where(num_tries == n_sampled, p * n_sampled, unique)
+    return jnp.where(num_tries < 0, jnp.ones_like(p), count)
+
+
+def softmax_rows(params: dict, options: BiLMOptions, ids: jax.Array, vocab_char_ids: jax.Array | None) -> jax.Array:
+    """Softmax weight rows of ``ids`` (...,) -> (..., P): params["softmax"]["W"], or the token embeddings of the
+    vocabulary words (vocab_char_ids (n_vocab, max_chars)) when share_embedding_softmax."""
+    if "W" in params["softmax"]:
+        return params["softmax"]["W"][ids]
+    if vocab_char_ids is None:
+        raise ValueError("share_embedding_softmax needs vocab_char_ids (the vocabulary's char ids)")
+    return token_embedding(params, options, vocab_char_ids[ids])
+
+
+def sampled_softmax_loss(hidden: jax.Array, labels: jax.Array, true_w: jax.Array, true_b: jax.Array,
+                         sampled: jax.Array, sampled_w: jax.Array, sampled_b: jax.Array,
+                         true_count: jax.Array, sampled_count: jax.Array) -> jax.Array:
+    """TF's sampled_softmax_loss (num_true=1, remove_accidental_hits=True, subtract_log_q=True).
+
+    Args:
+      hidden: (n, P); labels: (n,) ids; true_w: (n, P), true_b: (n,) their softmax rows;
+      sampled: (S,) ids; sampled_w: (S, P), sampled_b: (S,); true_count: (n,), sampled_count: (S,) expected counts.
+    Returns:
+      (n,) per-token losses: cross entropy of the true class among [true, sampled].
+    """
+    true_logits = jnp.sum(hidden * true_w, axis=-1) + true_b - jnp.log(true_count)  # (n,)
+    sampled_logits = hidden @ sampled_w.T + sampled_b - jnp.log(sampled_count)  # (n, S)
+    sampled_logits = jnp.where(labels[:, None] == sampled[None, :], _HIT_LOGIT, sampled_logits)
+    logits = jnp.concatenate([true_logits[:, None], sampled_logits], axis=-1)  # (n, 1 + S)
+    return jax.nn.logsumexp(logits, axis=-1) - true_logits
+
+
+def full_softmax_loss(hidden: jax.Array, labels: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """Cross entropy over the whole vocabulary: hidden (n, P), labels (n,), w (V, P), b (V,) -> (n,)."""
+    logits = hidden @ w.T + b  # (n, V)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+
+
+def _targets(batch: dict, direction: str) -> jax.Array:
+    return batch["next_token_id" if direction == "forward" else "next_token_id_reverse"]
+
+
+def train_loss(params: dict, options: BiLMOptions, batch: dict, state: dict, *, key: jax.Array,
+               vocab_char_ids: jax.Array | None = None):
+    """Mean of the directions' sampled-softmax losses on one window, with dropout.
+
+    Args:
+      batch: see data.LMDataset.batches (arrays of (batch, unroll_steps[, max_chars])).
+      state: carried LSTM state; key: dropout and sampler key (one step's key).
+    Returns:
+      (loss scalar, ({direction: loss}, new state)).
+    """
+    dropout_key, sample_key = jax.random.split(key)
+    outputs, new_state = lm_outputs(params, options, batch, state, key=dropout_key)
+    n_vocab, n_sampled = _n_vocab(options), options.training.n_negative_samples_batch
+    softmax_b = params["softmax"]["b"]
+    directions = list(outputs)
+    hidden = jnp.stack([outputs[d] for d in directions])
+    hidden = hidden.reshape(len(directions), -1, hidden.shape[-1])  # (directions, batch * time, P)
+    labels = jnp.stack([_targets(batch, d).reshape(-1) for d in directions])  # (directions, batch * time)
+    keys = jnp.stack([jax.random.fold_in(sample_key, d) for d in range(len(directions))])
+    # Each direction draws its own candidates, as bilm-tf's two sampled_softmax_loss ops do.
+    sampled, tries = jax.vmap(lambda k: sample_candidates(k, n_vocab, n_sampled))(keys)  # (directions, S)
+
+    def direction_loss(hidden, labels, sampled, tries):
+        per_token = sampled_softmax_loss(
+            hidden, labels, softmax_rows(params, options, labels, vocab_char_ids), softmax_b[labels],
+            sampled, softmax_rows(params, options, sampled, vocab_char_ids), softmax_b[sampled],
+            expected_count(labels, tries, n_vocab, n_sampled), expected_count(sampled, tries, n_vocab, n_sampled))
+        return jnp.mean(per_token)
+
+    per_direction = jax.vmap(direction_loss)(hidden, labels, sampled, tries)  # (directions,)
+    losses = {d: per_direction[i] for i, d in enumerate(directions)}
+    return jnp.mean(per_direction), (losses, new_state)
+
+
+def eval_loss(params: dict, options: BiLMOptions, batch: dict, state: dict,
+              vocab_char_ids: jax.Array | None = None) -> tuple[dict, dict]:
+    """Full-softmax mean loss of each direction on one window, no dropout: ({direction: loss}, new state)."""
+    outputs, new_state = lm_outputs(params, options, batch, state, key=None)
+    all_ids = jnp.arange(_n_vocab(options))
+    w = softmax_rows(params, options, all_ids, vocab_char_ids)
+    losses = {}
+    for direction, out in outputs.items():
+        hidden = out.reshape(-1, out.shape[-1])
+        losses[direction] = jnp.mean(full_softmax_loss(hidden, _targets(batch, direction).reshape(-1), w,
+                                                       params["softmax"]["b"]))
+    return losses, new_state

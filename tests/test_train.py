@@ -1,0 +1,292 @@
+"""elmo_jax.train: the loss, training reduces perplexity, exact resume, multi-device equality, export, errors."""
+
+import argparse
+import io
+import json
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from elmo_jax import BiLM, bilm, token_embedding
+from elmo_jax.options import BiLMOptions
+from elmo_jax.train import commands
+from elmo_jax.train.data import DataError, load_vocabulary
+from elmo_jax.train.evaluate import export, load_run, perplexity
+from elmo_jax.train.loss import (
+    expected_count,
+    full_softmax_loss,
+    init_softmax,
+    log_uniform_probs,
+    sample_candidates,
+    sampled_softmax_loss,
+    softmax_rows,
+)
+from elmo_jax.train.trainer import TrainConfig, Trainer, TrainError
+
+FIXTURES = "/work/shared/fixtures/train_tiny"
+DATA, VOCAB = f"{FIXTURES}/data.txt", f"{FIXTURES}/vocab.txt"
+N_VOCAB = 32
+
+TINY = {
+    "char_cnn": {"embedding": {"dim": 4}, "filters": [[1, 4], [2, 8]], "n_highway": 1, "activation": "relu"},
+    "lstm": {"dim": 32, "projection_dim": 8, "n_layers": 2, "cell_clip": 3.0, "proj_clip": 3.0,
+             "use_skip_connections": True},
+    "n_tokens_vocab": N_VOCAB, "unroll_steps": 5, "batch_size": 4, "n_negative_samples_batch": 8, "dropout": 0.1,
+    "all_clip_norm_val": 10.0,
+}
+
+
+def _config(**changes):
+    return TrainConfig(BiLMOptions.from_dict(TINY), DATA, VOCAB, **changes)
+
+
+def _params_close(a, b, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run trained 1200 steps on train_tiny, with the full-softmax training perplexity before and after."""
+    run_dir = tmp_path_factory.mktemp("run")
+    trainer = Trainer(_config(n_steps=1200, log_every=400, checkpoint_every=1200), run_dir,
+                      devices=jax.devices()[:1], log_stream=io.StringIO())
+    vocab = load_vocabulary(VOCAB, N_VOCAB)
+    before = perplexity(jax.device_get(trainer.state.params), trainer.options, DATA, vocab, batch_size=4,
+                        unroll_steps=5)
+    history = trainer.train()
+    after = perplexity(jax.device_get(trainer.state.params), trainer.options, DATA, vocab, batch_size=4,
+                       unroll_steps=5)
+    return trainer, run_dir, before, after, history
+
+
+# ---------------------------------------------------------------- (f) the loss
+
+
+def test_log_uniform_probs_sum_to_one_and_decrease():
+    p = np.asarray(log_uniform_probs(793471), np.float64)
+    assert abs(p.sum() - 1.0) < 1e-4
+    assert (np.diff(p) < 0).all()
+    np.testing.assert_allclose(p[:2], np.log([2, 1.5]) / np.log(793472), rtol=1e-5)
+
+
+def test_sampler_draws_distinct_ids_with_counts():
+    ids, tries = sample_candidates(jax.random.key(0), 1000, 50)
+    ids = np.asarray(ids)
+    assert len(set(ids.tolist())) == 50 and ids.min() >= 0 and ids.max() < 1000
+    assert int(tries) >= 50
+    counts = np.asarray(expected_count(jnp.asarray(ids), tries, 1000, 50))
+    assert ((counts > 0) & (counts <= 1)).all()
+    # Frequent ids are sampled more often: over many draws id 0 is nearly always a candidate, id 999 rarely.
+    many, _ = jax.vmap(lambda k: sample_candidates(k, 1000, 50))(jax.random.split(jax.random.key(5), 200))
+    hits = np.bincount(np.asarray(many).ravel(), minlength=1000)
+    assert hits[0] > 190 and hits[999] < 20
+
+
+def test_sampled_softmax_equals_full_softmax_when_negatives_cover_the_vocabulary():
+    keys = jax.random.split(jax.random.key(1), 3)
+    hidden = jax.random.normal(keys[0], (12, 8))
+    w, b = jax.random.normal(keys[1], (20, 8)), jax.random.normal(keys[2], (20,))
+    labels = jnp.arange(12) % 20
+
+    @jax.jit
+    def both(hidden, labels, w, b):
+        sampled, tries = sample_candidates(jax.random.key(2), 20, 20)
+        sampled_loss = sampled_softmax_loss(hidden, labels, w[labels], b[labels], sampled, w[sampled], b[sampled],
+                                            expected_count(labels, tries, 20, 20),
+                                            expected_count(sampled, tries, 20, 20))
+        return sampled_loss, full_softmax_loss(hidden, labels, w, b)
+
+    sampled_loss, full_loss = both(hidden, labels, w, b)
+    np.testing.assert_allclose(sampled_loss, full_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_softmax_removes_accidental_hits_and_subtracts_log_q():
+    hidden = np.array([[1.0, -2.0], [0.5, 0.5]], np.float32)
+    w = np.array([[0.3, 0.1], [-0.2, 0.4], [1.0, 1.0], [0.0, -1.0]], np.float32)
+    b = np.array([0.1, -0.1, 0.2, 0.0], np.float32)
+    labels, sampled = np.array([2, 1]), np.array([1, 3])
+    q_true, q_sampled = np.array([0.5, 0.25]), np.array([0.25, 0.125])
+    got = sampled_softmax_loss(*map(jnp.asarray, (hidden, labels, w[labels], b[labels], sampled, w[sampled],
+                                                  b[sampled], q_true, q_sampled)))
+    expected = []
+    for i in range(2):
+        true = hidden[i] @ w[labels[i]] + b[labels[i]] - np.log(q_true[i])
+        negatives = [hidden[i] @ w[s] + b[s] - np.log(q) for s, q in zip(sampled, q_sampled) if s != labels[i]]
+        logits = np.array([true, *negatives])
+        expected.append(np.log(np.exp(logits).sum()) - true)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_tied_softmax_uses_the_token_embeddings_of_the_vocabulary(trained):
+    options = BiLMOptions.from_dict({**TINY, "share_embedding_softmax": True})
+    softmax = init_softmax(options, jax.random.PRNGKey(0))
+    assert set(softmax) == {"b"}  # no separate weights to train
+    params = {**jax.device_get(trained[0].state.params), "softmax": softmax}
+    vocab_char_ids = jnp.asarray(load_vocabulary(VOCAB).char_ids())
+    ids = jnp.array([0, 5, 31])
+    rows = jax.jit(softmax_rows, static_argnums=1)(params, options, ids, vocab_char_ids)
+    expected = jax.jit(token_embedding, static_argnums=1)(params, options, vocab_char_ids[ids])
+    np.testing.assert_array_equal(rows, expected)
+    with pytest.raises(ValueError, match="vocab_char_ids"):
+        softmax_rows(params, options, ids, None)
+
+
+# ---------------------------------------------------------------- (a) training works
+
+
+def test_training_reduces_perplexity(trained):
+    _, run_dir, before, after, history = trained
+    assert before["forward"] > 20 and before["backward"] > 20  # near-uniform over 32 words at init
+    assert after["forward"] * 3 < before["forward"] and after["backward"] * 3 < before["backward"]
+    assert after["mean"] * 3 < before["mean"]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [400, 800, 1200] == [m["step"] for m in history]
+    assert all(np.isfinite(m["loss"]) and m["tokens_per_s"] > 0 for m in lines)
+
+
+# ---------------------------------------------------------------- (b) resume
+
+
+def test_resume_continues_exactly(tmp_path):
+    quiet = io.StringIO()
+    config = _config(n_steps=12, log_every=3, checkpoint_every=100)
+    straight = Trainer(config, tmp_path / "straight", devices=jax.devices()[:1], log_stream=quiet)
+    straight.train()
+    first = Trainer(config, tmp_path / "split", devices=jax.devices()[:1], log_stream=quiet)
+    first.train(6)  # checkpoints at its end
+    del first
+    resumed = Trainer(config, tmp_path / "split", resume=True, devices=jax.devices()[:1], log_stream=quiet)
+    assert int(resumed.state.step) == 6 and int(resumed.state.data_position) == 6
+    resumed.train()
+    assert int(resumed.state.step) == 12
+    _params_close(straight.state.params, resumed.state.params, 1e-6)
+    _params_close(straight.state.lstm_state, resumed.state.lstm_state, 1e-6)
+    _params_close(straight.state.opt_state, resumed.state.opt_state, 1e-6)
+
+
+def test_non_finite_loss_raises(tmp_path):
+    trainer = Trainer(_config(n_steps=2, log_every=1), tmp_path / "nan", devices=jax.devices()[:1],
+                      log_stream=io.StringIO())
+    params = dict(trainer.state.params, projection={k: v * jnp.nan for k, v in trainer.state.params["projection"].items()})
+    trainer.state = trainer.state._replace(params=params)
+    with pytest.raises(TrainError, match="non-finite loss at step 1"):
+        trainer.train()
+
+
+# ---------------------------------------------------------------- (c) data parallel
+
+
+def test_one_and_four_devices_give_the_same_losses(tmp_path):
+    assert jax.device_count() >= 4, "tests/conftest.py must set jax_num_cpu_devices to 4"
+    quiet = io.StringIO()
+    config = _config(n_steps=4, log_every=1, checkpoint_every=100)
+    one = Trainer(config, tmp_path / "one", devices=jax.devices()[:1], log_stream=quiet)
+    four = Trainer(config, tmp_path / "four", devices=jax.devices()[:4], log_stream=quiet)
+    assert four.state.lstm_state["forward"][0].h.sharding.shard_shape((4, 8)) == (1, 8)
+    losses_one = [m["loss"] for m in one.train()]
+    losses_four = [m["loss"] for m in four.train()]
+    np.testing.assert_allclose(losses_one, losses_four, rtol=1e-5)
+    assert four._step._cache_size() == 1  # the step's output state has its input's types: one compilation
+    _params_close(one.state.params, four.state.params, 1e-5)
+
+
+# ---------------------------------------------------------------- (d) export
+
+
+def test_export_reloads_with_identical_activations(trained, tmp_path):
+    trainer, run_dir, *_ = trained
+    weights, options_file, embeddings = tmp_path / "w.hdf5", tmp_path / "options.json", tmp_path / "emb.hdf5"
+    export(run_dir, weights, options_file, vocab=VOCAB, token_embeddings_out=embeddings)
+    assert json.loads(options_file.read_text())["char_cnn"]["n_characters"] == 262
+    with h5py.File(weights) as f:
+        assert f["char_embed"].shape == (261, 4) and "softmax" not in str(list(f))
+    model = BiLM.from_hdf5(options_file, weights)
+    params, _ = load_run(run_dir)
+    trained_bilm = {k: v for k, v in params.items() if k != "softmax"}
+    _params_close(model.params, trained_bilm, 0.0)  # the file round trip is exact
+    char_ids = np.array(jax.random.randint(jax.random.key(3), (2, 6, 50), 1, 262), np.int32)
+    char_ids[1, 4:] = 0  # a shorter sentence
+    got, _ = model(char_ids)
+    expected, _ = jax.jit(bilm, static_argnums=1)(trained_bilm, model.options, jnp.asarray(char_ids))
+    np.testing.assert_array_equal(np.asarray(got.activations), np.asarray(expected.activations))
+    with_trainer_options, _ = jax.jit(bilm, static_argnums=1)(params, trainer.options, jnp.asarray(char_ids))
+    np.testing.assert_allclose(np.asarray(got.activations), np.asarray(with_trainer_options.activations), atol=1e-6)
+    with h5py.File(embeddings) as f:
+        table = f["embedding"][...]
+    assert table.shape == (N_VOCAB, 8)
+    np.testing.assert_allclose(table, model.embed_vocabulary(load_vocabulary(VOCAB).words), atol=1e-6)
+
+    # Fine-tuning starts from the exported biLM with a fresh softmax.
+    tuned = Trainer(_config(n_steps=2, init_weights=str(weights)), tmp_path / "tune", devices=jax.devices()[:1],
+                    log_stream=io.StringIO())
+    _params_close({k: v for k, v in tuned.state.params.items() if k != "softmax"}, trained_bilm, 0.0)
+    assert not np.allclose(tuned.state.params["softmax"]["W"], params["softmax"]["W"])
+    assert np.isfinite(tuned.train()[-1]["loss"])
+
+
+# ---------------------------------------------------------------- (e) errors and the CLI
+
+
+def _cli(*argv):
+    parser = argparse.ArgumentParser(prog="elmo-jax")
+    commands.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(DataError, match="no-such"):
+        Trainer(TrainConfig(BiLMOptions.from_dict(TINY), str(tmp_path / "no-such*.txt"), VOCAB), tmp_path / "r")
+    (tmp_path / "vocab.txt").write_text("the\nof\n")
+    with pytest.raises(DataError, match="special tokens"):
+        Trainer(TrainConfig(BiLMOptions.from_dict(TINY), DATA, str(tmp_path / "vocab.txt")), tmp_path / "r")
+    with pytest.raises(DataError, match="n_tokens_vocab=33"):
+        Trainer(TrainConfig(BiLMOptions.from_dict({**TINY, "n_tokens_vocab": 33}), DATA, VOCAB), tmp_path / "r")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(TrainError, match="cannot create or write the run directory"):
+        Trainer(_config(), tmp_path / "file" / "run")
+    with pytest.raises(TrainError, match="batch_size=4 must divide evenly over 3 devices"):
+        Trainer(_config(), tmp_path / "r", devices=jax.devices()[:3])
+
+
+def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps(TINY))
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["train", "--train-prefix", tmp_path / "none*.txt", "--vocab", VOCAB, "--options", options,
+          "--out", tmp_path / "r"], "none*.txt"),
+        (["train", "--train-prefix", DATA, "--vocab", VOCAB, "--options", options, "--out", tmp_path / "file" / "r"],
+         "cannot create or write"),
+        (["train", "--out", tmp_path / "fresh", "--resume"], "config.json"),
+        (["perplexity", "--test-prefix", DATA, "--vocab", VOCAB, "--weights", tmp_path / "w.hdf5"], "--run-dir"),
+        (["export", tmp_path / "empty", "--weights", tmp_path / "w.hdf5", "--options", tmp_path / "o.json"],
+         "config.json"),
+    ]
+    for argv, fragment in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            _cli(*argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err and "Traceback" not in err, err
+
+
+def test_cli_train_resume_perplexity_export(tmp_path, capsys):
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps(TINY))
+    run = tmp_path / "run"
+    assert _cli("train", "--train-prefix", DATA, "--vocab", VOCAB, "--options", options, "--out", run,
+                "--steps", 3, "--log-every", 1, "--devices", 1) == 0
+    assert _cli("train", "--out", run, "--resume", "--steps", 2, "--log-every", 1, "--devices", 1) == 0
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    capsys.readouterr()
+    assert _cli("perplexity", "--run-dir", run, "--test-prefix", DATA, "--vocab", VOCAB, "--batch-size", 4,
+                "--unroll-steps", 5) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result) == {"forward", "backward", "mean", "batches"} and result["mean"] > 1
+    assert _cli("export", run, "--weights", tmp_path / "w.hdf5", "--options", tmp_path / "o.json") == 0
+    assert BiLM.from_hdf5(tmp_path / "o.json", tmp_path / "w.hdf5").options.lstm.dim == 32
