@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elmo_jax import BiLMOptions
-from elmo_jax.embed import Embedder
+from elmo_jax.embed import Embedder, plan_batches
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_BENCH = pathlib.Path(os.environ.get("ELMO_JAX_BENCH", ROOT.parent / "shared" / "bench"))
@@ -123,8 +123,10 @@ def main() -> None:
     options = embedder.options
     distinct = 0
     order = sorted(range(len(sentences)), key=lambda p: len(sentences[p]))
-    for i in range(0, len(order), args.batch_size):
-        distinct += len({t for p in order[i : i + args.batch_size] for t in sentences[p]}) + 2
+    plan = plan_batches([len(sentences[p]) for p in order], args.batch_size, embedder.buckets, embedder.n_devices,
+                        embedder.step_overhead_rows)
+    for start, end in plan:
+        distinct += len({t for p in order[start:end] for t in sentences[p]}) + 2
     flops = lstm_flops(options) * (n_tokens + 2 * len(sentences)) + token_layer_flops(options) * distinct
     result = {
         "impl": "elmo_jax",
@@ -135,7 +137,8 @@ def main() -> None:
         "batch_size": args.batch_size,
         "sentences": len(sentences),
         "tokens": n_tokens,
-        "distinct_tokens_per_batch": round(distinct / -(-len(sentences) // args.batch_size), 1),
+        "batches": len(plan),
+        "distinct_tokens_per_batch": round(distinct / len(plan), 1),
         "seconds": round(seconds, 4),
         "seconds_all": [round(s, 4) for s in passes],
         "tokens_per_s": round(n_tokens / seconds, 1),

@@ -7,7 +7,7 @@ import pytest
 
 from elmo_jax.characters import TokenError
 from elmo_jax.cli import main
-from elmo_jax.embed import Embedder, bucket_length
+from elmo_jax.embed import Embedder, bucket_length, plan_batches
 from tests import reference
 
 WORDS = "the bank raised its interest rates . I went to river and deposited money in a very long sentence".split()
@@ -154,3 +154,11 @@ def test_bfloat16_compute_stays_close_to_float32(tiny_model, expected):
     worst = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
     scale = max(float(np.abs(w).max()) for w in want[:6])
     assert 0 < worst < 0.05 * scale, (worst, scale)  # bf16 has an 8-bit mantissa: ~1e-2 relative
+
+
+def test_plan_batches_covers_everything_and_isolates_long_sentences():
+    lengths = sorted([5] * 100 + [180])
+    plan = plan_batches(lengths, batch_size=64, buckets=(8, 16, 32, 64, 128))
+    assert plan[0][0] == 0 and plan[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:])) and all(0 < e - s <= 64 for s, e in plan)
+    assert plan[-1] == (100, 101)  # the one long sentence does not make 63 short ones run 256 steps
