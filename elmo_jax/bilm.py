@@ -17,7 +17,7 @@ import numpy as np
 from .char_cnn import char_cnn
 from .characters import boundary_char_ids
 from .highway import highway
-from .lstm import LSTMState, bidirectional_layer, zero_state
+from .lstm import bidirectional_layer, zero_state
 from .options import BiLMOptions
 
 BiLMState = dict  # {"forward": [LSTMState per layer], "backward": [LSTMState per layer]}
@@ -94,7 +94,7 @@ def add_sentence_boundaries(x: jax.Array, mask: jax.Array, bos: jax.Array, eos: 
     Returns:
       (batch, time + 2, *features) and mask (batch, time + 2) bool.
     """
-    batch, time = mask.shape
+    _, time = mask.shape
     lengths = jnp.sum(mask, axis=1)  # (batch,)
     padded = jnp.pad(x, [(0, 0), (1, 1)] + [(0, 0)] * (x.ndim - 2))
     positions = jnp.arange(time + 2)[None, :]

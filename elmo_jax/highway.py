@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 
 def highway(layers: list[dict], x: jax.Array) -> jax.Array:
