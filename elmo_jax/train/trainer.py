@@ -29,10 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from ..options import BiLMOptions
+from ..sharding import by_batch as batch_sharding
+from ..sharding import data_mesh
+from ..sharding import replicated as replicated_sharding
 from .data import LMDataset, load_vocabulary
 from .loss import init_train_params, initial_lm_state, train_loss
 
@@ -147,7 +149,7 @@ def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh):
     Cached so that several Trainers of one process (resume, evaluation, tests) share one compilation.
     """
     optimizer = _make_optimizer(*optimizer_settings)
-    replicated, by_batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    replicated, by_batch = replicated_sharding(mesh), batch_sharding(mesh)
     shardings = TrainState(replicated, replicated, replicated, by_batch, replicated, replicated)
     unplaced = _init_fn(options, optimizer_settings)
     placed = jax.jit(unplaced.__wrapped__, out_shardings=shardings)
@@ -213,8 +215,8 @@ class Trainer:
         if t.batch_size % len(devices) or t.batch_size % jax.process_count():
             raise TrainError(f"batch_size={t.batch_size} must divide evenly over {len(devices)} devices and "
                              f"{jax.process_count()} processes")
-        self.mesh = Mesh(np.asarray(devices), ("data",))
-        replicated, self.by_batch = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
+        self.mesh = data_mesh(devices)
+        replicated, self.by_batch = replicated_sharding(self.mesh), batch_sharding(self.mesh)
         # ---- data
         self.vocab = load_vocabulary(config.vocab_file, t.n_tokens_vocab)
         local = t.batch_size // jax.process_count()  # this host's rows of the global batch
