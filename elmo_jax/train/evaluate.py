@@ -15,6 +15,7 @@ import numpy as np
 
 from ..characters import Vocabulary
 from ..options import BiLMOptions
+from ..sharding import data_mesh, replicated
 from .data import DataError, LMDataset
 from .loss import eval_loss, initial_lm_state
 from .trainer import TrainConfig, TrainError, TrainState, _init_fn, _optimizer_settings, load_config
@@ -69,7 +70,6 @@ def perplexity(params: dict, options: BiLMOptions, files: str, vocab: Vocabulary
 def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[dict, TrainConfig]:
     """Params (biLM + "softmax", numpy) of a run's checkpoint (latest by default), and its TrainConfig."""
     import orbax.checkpoint as ocp
-    from jax.sharding import Mesh
 
     run_dir = os.path.abspath(os.fspath(run_dir))
     config = load_config(run_dir)
@@ -77,9 +77,8 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[dict,
     step = manager.latest_step() if step is None else step
     if step is None:
         raise TrainError(f"{run_dir}: no checkpoint in {run_dir}/checkpoints")
-    mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     target = jax.eval_shape(_init_fn(config.options, _optimizer_settings(config)), jax.random.PRNGKey(0), None)
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sharding = replicated(data_mesh(jax.devices()[:1]))
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
