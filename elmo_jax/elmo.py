@@ -35,6 +35,17 @@ class ElmoConfig:
     keep_sentence_boundaries: bool = False
 
 
+def dropout(x: jax.Array, rate: float, *, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout (tf.nn.dropout): keep with probability 1 - rate, scale by 1 / (1 - rate).
+
+    Identity when key is None or rate is 0. Shared by the ELMo mixes and the training LMs.
+    """
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 def remove_sentence_boundaries(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Drop <S> and </S>: x (batch, time + 2, dim), mask (batch, time + 2) -> (batch, time, dim), (batch, time)."""
     # Sentences are left-aligned, so position t + 1 holds token t and mask[:, t + 2] says t < length.
@@ -57,10 +68,7 @@ def mix_representations(mix_params: list, config: ElmoConfig, bilm_output: BiLMO
         mask = bilm_output.mask
         if not config.keep_sentence_boundaries:
             mixed, mask = remove_sentence_boundaries(mixed, mask)
-        if mix_key is not None and config.dropout > 0:
-            keep = jax.random.bernoulli(mix_key, 1.0 - config.dropout, mixed.shape)
-            mixed = jnp.where(keep, mixed / (1.0 - config.dropout), 0.0)
-        representations.append(mixed)
+        representations.append(dropout(mixed, config.dropout, key=mix_key))
     return ElmoOutput(representations, mask)
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..bilm import init_params, token_embedding
+from ..elmo import dropout
 from ..lstm import LSTMState, lstm_layer, zero_state
 from ..options import BiLMOptions
 
@@ -84,14 +85,6 @@ def initial_lm_state(options: BiLMOptions, batch: int) -> dict:
 
 
 # ---------------------------------------------------------------- the two LMs
-
-
-def dropout(x: jax.Array, rate: float, *, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout (tf.nn.dropout); identity when key is None or rate is 0."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def lstm_stack(layers: list[dict], options: BiLMOptions, x: jax.Array, state: list[LSTMState], *,
