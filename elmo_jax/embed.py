@@ -193,9 +193,10 @@ class Embedder:
             ids = self._char_ids[token] = token_to_char_ids(token, self.options.char_cnn.max_characters_per_token)
         return ids
 
-    def prepare(self, sentences: Sequence[Sequence[str]], positions: Sequence[int]) -> PreparedBatch:
+    def prepare(self, sentences: Sequence[Sequence[str]], positions: Sequence[int],
+                batch_size: int | None = None) -> PreparedBatch:
         """Dedupe and pad one batch (host arrays, shapes bucketed and divisible by the device count)."""
-        rows = row_bucket(len(positions), self.batch_size, self.n_devices)
+        rows = row_bucket(len(positions), batch_size or self.batch_size, self.n_devices)
         lengths = np.array([len(sentences[p]) for p in positions])
         time_steps = bucket_length(int(lengths.max()), self.buckets)
         distinct = {BOS_TOKEN: 0, EOS_TOKEN: 1}
@@ -249,27 +250,28 @@ class Embedder:
         Memory stays bounded for any corpus (a window of ``window_batches`` batches at a time). An empty
         sentence raises TokenError naming its index, or with ``allow_empty`` yields an array with 0 tokens.
         """
-        if batch_size is not None and batch_size != self.batch_size:
-            self.batch_size = batch_size
+        batch_size = self.batch_size if batch_size is None else batch_size
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, found {batch_size}")
         self._mode(mode)
         stream = iter(sentences)
         start = 0
         while True:
-            window = list(itertools.islice(stream, self.batch_size * self.window_batches))
+            window = list(itertools.islice(stream, batch_size * self.window_batches))
             if not window:
                 return
             for offset, sentence in enumerate(window):
                 _check_sentence(sentence, start + offset, allow_empty)
-            yield from self._embed_window(window, mode, sentence_vectors)
+            yield from self._embed_window(window, mode, sentence_vectors, batch_size)
             start += len(window)
 
-    def _embed_window(self, window, mode, sentence_vectors) -> Iterator[np.ndarray]:
+    def _embed_window(self, window, mode, sentence_vectors, batch_size: int) -> Iterator[np.ndarray]:
         results: list[np.ndarray | None] = [None] * len(window)
         order = sorted((p for p in range(len(window)) if len(window[p]) > 0), key=lambda p: len(window[p]))
         in_flight = None
         lengths = [len(window[p]) for p in order]
-        for start, end in plan_batches(lengths, self.batch_size, self.buckets, self.n_devices, self.step_overhead_rows):
-            batch = self.prepare(window, order[start:end])
+        for start, end in plan_batches(lengths, batch_size, self.buckets, self.n_devices, self.step_overhead_rows):
+            batch = self.prepare(window, order[start:end], batch_size)
             output = self.run(batch, mode)  # asynchronous: the next batch is prepared meanwhile
             if in_flight is not None:
                 self._collect(*in_flight, results, sentence_vectors)
