@@ -22,8 +22,12 @@ Rule for the target word:
 - A sentence that is an example of two synsets of the same lemma is dropped for that lemma (its
   label would be ambiguous).
 
-Pairs and balance: for each (lemma, pos), positives are pairs of examples of one synset, negatives
-pairs of examples of two different synsets; min(#positives, #negatives, --max-per-label) of each are
+Pairs and balance: both sentences of a pair have the target in the same written form (same string,
+case included: 'objects' with 'objects', 'ran' with 'ran'). Otherwise the form itself leaks the label
+(a verb sense tends to be exemplified in one tense), and a context-free vector scored 58% on a
+first version of this set that paired inflections; with one form per pair, the token layer gives
+the same vector to both sentences and can only score chance, as WiC intends. For each (lemma, pos),
+positives are pairs of examples of one synset, negatives pairs of examples of two different synsets; min(#positives, #negatives, --max-per-label) of each are
 drawn at random, so every lemma, and so every split, has as many 1s as 0s and a classifier cannot
 profit from knowing the lemma. Split: lemmas (ignoring pos, so 'bank' noun and verb stay together)
 are shuffled and dealt to dev or test, each lemma to the split with fewer pairs so far; no lemma is in
@@ -122,9 +126,11 @@ def read_examples(tsv: str, exceptions, parts_of_speech=tuple(EXC_FILES)) -> dic
 
 
 def lemma_pairs(rows, rng: random.Random, max_per_label: int) -> list[tuple[int, tuple, tuple]]:
-    """Balanced (label, example, example) pairs of one (lemma, pos); [] if it lacks either label."""
+    """Balanced (label, example, example) pairs of one (lemma, pos), target forms equal; [] if a label lacks pairs."""
     positives, negatives = [], []
     for a, b in itertools.combinations(rows, 2):
+        if a[1].split()[a[2]] != b[1].split()[b[2]]:
+            continue  # different word forms: the context-free token layer could tell them apart
         (positives if a[0] == b[0] else negatives).append((a, b))
     n = min(len(positives), len(negatives), max_per_label)
     pairs = [(1, *p) for p in rng.sample(positives, n)] + [(0, *p) for p in rng.sample(negatives, n)]
@@ -181,7 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(here, "data", "wic"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pos", default="noun,verb", help="comma-separated parts of speech (of noun, verb, adj, adv)")
-    p.add_argument("--max-per-label", type=int, default=6, help="pairs of each label per (lemma, pos)")
+    p.add_argument("--max-per-label", type=int, default=10, help="pairs of each label per (lemma, pos)")
     args = p.parse_args(argv)
     corpus = os.path.dirname(os.path.dirname(os.path.abspath(args.tsv)))
     wordnet_dir = args.wordnet_dir or os.path.join(corpus, "pkgs", "root", "usr", "share", "wordnet")
