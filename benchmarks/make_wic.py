@@ -27,9 +27,9 @@ case included: 'objects' with 'objects', 'ran' with 'ran'). Otherwise the form i
 (a verb sense tends to be exemplified in one tense), and a context-free vector scored 58% on a
 first version of this set that paired inflections; with one form per pair, the token layer gives
 the same vector to both sentences and can only score chance, as WiC intends. For each (lemma, pos),
-positives are pairs of examples of one synset, negatives pairs of examples of two different synsets; min(#positives, #negatives, --max-per-label) of each are
-drawn at random, so every lemma, and so every split, has as many 1s as 0s and a classifier cannot
-profit from knowing the lemma. Split: lemmas (ignoring pos, so 'bank' noun and verb stay together)
+positives are pairs of examples of one synset, negatives pairs of examples of two different
+synsets; min(#positives, #negatives, --max-per-label) of each are drawn at random, so every lemma,
+and so every split, has as many 1s as 0s and a classifier cannot profit from knowing the lemma. Split: lemmas (ignoring pos, so 'bank' noun and verb stay together)
 are shuffled and dealt to dev or test, each lemma to the split with fewer pairs so far; no lemma is in
 both. Everything is seeded (--seed), so the output is the same on every run.
 
