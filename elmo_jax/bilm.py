@@ -127,13 +127,17 @@ def initial_state(options: BiLMOptions, batch: int, dtype=jnp.float32) -> BiLMSt
     }
 
 
-def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, state: BiLMState | None = None):
+def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, state: BiLMState | None = None,
+           backward_x: jax.Array | None = None):
     """The stacked bidirectional LSTM.
 
     Args:
       params: {"forward": [layer params], "backward": [layer params]} (see lstm.lstm_layer).
       x: (batch, time, projection_dim) token embeddings; mask: (batch, time) bool.
       state: initial BiLMState, None for zeros.
+      backward_x: None (the backward LM reads ``x`` from each sentence's end), or the backward LM's inputs
+        already reversed within each sentence (batch, time, projection_dim); then the backward outputs come
+        back in that reversed order too (see lstm.bidirectional_layer's ``backward_aligned``).
     Returns:
       per-layer outputs, a list of n_layers arrays (batch, time, 2 * projection_dim) [forward, backward],
       zeros at padding; and the final BiLMState.
@@ -141,13 +145,13 @@ def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, st
     lstm = options.lstm
     if state is None:
         state = initial_state(options, x.shape[0], x.dtype)
-    inputs = (x, x)
+    inputs = (x, x if backward_x is None else backward_x)
     outputs, new_state = [], {"forward": [], "backward": []}
     for layer in range(lstm.n_layers):
         ys, (fw_state, bw_state) = bidirectional_layer(
             params["forward"][layer], params["backward"][layer], inputs, mask,
             (state["forward"][layer], state["backward"][layer]),
-            cell_clip=lstm.cell_clip, proj_clip=lstm.proj_clip,
+            cell_clip=lstm.cell_clip, proj_clip=lstm.proj_clip, backward_aligned=backward_x is not None,
         )
         if layer > 0 and lstm.use_skip_connections:
             # Residual on the layer's output only; the carried state is untouched.
@@ -230,6 +234,13 @@ class BiLM:
 
         options = BiLMOptions.from_path(options_file)
         return cls(load_hdf5(weight_file, options), options)
+
+    @classmethod
+    def pretrained(cls) -> BiLM:
+        """The built-in English biLM shipped with the package (``elmo_jax.pretrained``); no download."""
+        from .pretrained import default_model_files
+
+        return cls.from_hdf5(*default_model_files())
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike) -> BiLM:

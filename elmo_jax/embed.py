@@ -1,15 +1,18 @@
 """Embedding text at speed: ``Embedder`` (AllenNLP's ``ElmoEmbedder``) over the pure biLM functions.
 
 How a stream of sentences is embedded:
-1. Read a window of sentences, sort them by length and cut them into batches of at most ``batch_size``
-   rows where padding costs least (``plan_batches``). Each batch is padded to a bucket length (``buckets``;
-   longer sentences round up to a multiple of the largest bucket) and a power-of-two row count, so jit
-   compiles a small, bounded number of programs whatever the input.
+1. Read a window of sentences, sort them longest first and cut them into batches of ``batch_size``.
 2. Dedupe tokens: the char CNN + highway run once per distinct token of the batch (plus <S>, </S>),
    padded to a bucketed count; with a vocabulary cache, known tokens skip even that.
-3. The biLM runs stateless from zero state, so no number depends on batching, order or neighbours.
-4. Batches are split across the local devices (``jax.sharding`` mesh); the next batch is prepared on
-   the host while the devices work on the current one. Results come back in input order.
+3. The biLSTM runs in time blocks of ``block_steps`` steps, and each block carries only the rows whose
+   sentences are still running (a prefix, since rows are sorted longest first), rounded up to a few row
+   counts. The backward LM reads each sentence reversed within its own length, so in both directions a
+   row is active on a prefix of the time axis and a finished row costs nothing. This is what AllenNLP
+   gets from shrinking its batch as sentences end; here the shapes stay static (one compiled program per
+   row count), so padding costs at most one block per sentence instead of the batch's longest sentence.
+4. The biLM runs stateless from zero state, so no number depends on batching, order or neighbours.
+5. Rows are split across the local devices (``jax.sharding`` mesh); blocks are dispatched
+   asynchronously, so the host assembles one batch while the devices work on the next.
 """
 
 from __future__ import annotations
@@ -25,63 +28,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .bilm import BiLM, add_sentence_boundaries, bilm_from_token_embeddings, token_embedding
+from .bilm import BiLM, bilstm, initial_state, token_embedding
 from .characters import BOS_TOKEN, EOS_TOKEN, TokenError, token_to_char_ids
 from .options import BiLMOptions
 from .sharding import by_batch, data_mesh, replicated, round_up
 from .weights import write_atomic
 
 OUTPUT_MODES = ("all", "top", "average", "token")
-DEFAULT_BUCKETS = (8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BLOCK_STEPS = 8
 
 
-def bucket_length(length: int, buckets: Sequence[int]) -> int:
-    """The padded length of a batch whose longest sentence has ``length`` tokens."""
-    for bucket in buckets:
-        if length <= bucket:
-            return bucket
-    return round_up(length, buckets[-1])  # longer than every bucket: still embedded, one more shape
+def block_rows(n: int, n_devices: int = 1) -> int:
+    """Rows a block with n running sentences is padded to: 1, 2, 4, 8, then multiples of 8, then of 32 above
+    128 (few row counts, so few compiled programs), divisible by the device count."""
+    if n <= 8:
+        rows = 1
+        while rows < n:
+            rows *= 2
+    else:
+        rows = round_up(n, 8 if n <= 128 else 32)
+    return round_up(rows, n_devices)
 
 
-def row_bucket(n: int, batch_size: int, n_devices: int = 1) -> int:
-    """Rows a batch of n sentences is padded to: the next power of two, at most batch_size, divisible by n_devices."""
-    rows = 1
-    while rows < n:
-        rows *= 2
-    return round_up(min(rows, batch_size), n_devices)
-
-
-def plan_batches(lengths: Sequence[int], batch_size: int, buckets: Sequence[int], n_devices: int = 1,
-                 step_overhead_rows: int = 40) -> list[tuple[int, int]]:
-    """Cut sentences sorted by length into batches that minimise the padded work.
-
-    A batch of sentences i..j-1 costs bucket(longest) x (padded rows + ``step_overhead_rows``): one scan
-    step of r rows costs about as much as r + overhead rows of work, the overhead being the reading of the
-    recurrent weights (measured on the 2-core CPU at 2x4096: 45 ms for 16 rows, 83 ms for 64, i.e. ~40
-    rows). So a few very long sentences get a small batch of their own instead of making 64 rows run
-    their length. Dynamic programming over the sorted order (O(len x batch_size)) finds the cheapest cut.
+def plan_blocks(lengths: Sequence[int], block_steps: int, n_devices: int = 1) -> list[tuple[int, int]]:
+    """Time blocks of a batch whose rows are sorted longest first.
 
     Args:
-      lengths: sentence lengths in increasing order.
+      lengths: steps of each row (tokens + <S> + </S>), non-increasing.
     Returns:
-      [(start, end)] covering range(len(lengths)) in order, each at most batch_size long.
+      [(first step, rows)] for blocks of ``block_steps`` steps: the block needs the rows still running at its
+      first step (a prefix of the batch), padded by ``block_rows`` and never more than the batch's rows.
     """
-    n = len(lengths)
-    padded = [bucket_length(length, buckets) for length in lengths]
-    best = [0.0] + [float("inf")] * n
-    cut = [0] * (n + 1)
-    for end in range(1, n + 1):
-        for start in range(max(0, end - batch_size), end):
-            rows = row_bucket(end - start, batch_size, n_devices)
-            cost = best[start] + padded[end - 1] * (rows + step_overhead_rows)
-            if cost < best[end]:
-                best[end], cut[end] = cost, start
-    batches, end = [], n
-    while end > 0:
-        batches.append((cut[end], end))
-        end = cut[end]
-    return batches[::-1]
+    padded_batch = block_rows(len(lengths), n_devices)
+    blocks = []
+    for start in range(0, lengths[0], block_steps):
+        running = sum(1 for length in lengths if length > start)
+        blocks.append((start, min(block_rows(running, n_devices), padded_batch)))
+    return blocks
 
 
 def distinct_count_bucket(n: int) -> int:
@@ -93,22 +77,23 @@ def distinct_count_bucket(n: int) -> int:
 
 
 class PreparedBatch:
-    """Host arrays for one batch: which sentences, their distinct tokens and where each token goes.
+    """Host arrays for one batch, rows sorted longest first.
 
-    unique_char_ids: (distinct, max_chars), rows 0 and 1 are <S> and </S>; token_index: (rows, time) int32
-    into [computed distinct tokens, cached vocabulary]; mask: (rows, time) bool; positions: the window
-    positions of the real rows.
+    positions: the window positions of the rows; lengths: tokens per row (without <S>, </S>);
+    unique_char_ids: (distinct, max_chars), rows 0 and 1 are <S> and </S>; forward_index: (rows, steps) int32,
+    each row's tokens with <S>/</S> as indices into [computed distinct tokens, cached vocabulary];
+    backward_index: the same reversed within each row's length; mask: (rows, steps) bool; blocks: plan_blocks.
     """
 
-    __slots__ = ("positions", "lengths", "unique_char_ids", "token_index", "mask")
+    __slots__ = ("positions", "lengths", "unique_char_ids", "forward_index", "backward_index", "mask", "blocks")
 
-    def __init__(self, positions, lengths, unique_char_ids, token_index, mask):
-        self.positions, self.lengths = positions, lengths
-        self.unique_char_ids, self.token_index, self.mask = unique_char_ids, token_index, mask
+    def __init__(self, positions, lengths, unique_char_ids, forward_index, backward_index, mask, blocks):
+        self.positions, self.lengths, self.unique_char_ids = positions, lengths, unique_char_ids
+        self.forward_index, self.backward_index, self.mask, self.blocks = forward_index, backward_index, mask, blocks
 
 
 def _reduce_layers(activations: jax.Array, mode: str, weights: jax.Array | None) -> jax.Array:
-    """(layers, batch, time, dim) -> the requested output: all layers, the top, their average, the token layer, a mix."""
+    """(layers, ...) -> the requested output: all layers, the top, their average, the token layer, a weighted mix."""
     if mode == "all":
         return activations
     if mode == "top":
@@ -117,30 +102,52 @@ def _reduce_layers(activations: jax.Array, mode: str, weights: jax.Array | None)
         return jnp.mean(activations, axis=0)
     if mode == "token":
         return activations[0]
-    return jnp.einsum("l,lbtd->btd", weights.astype(activations.dtype), activations)  # weighted mix
+    return jnp.einsum("l,l...->...", weights.astype(activations.dtype), activations)  # weighted mix
 
 
-def embed_batch(params: dict, options: BiLMOptions, unique_char_ids: jax.Array, token_index: jax.Array,
-                mask: jax.Array, cache: jax.Array | None, mode: str = "all", weights: jax.Array | None = None,
-                dtype=jnp.float32) -> jax.Array:
-    """One deduplicated, stateless batch.
-
-    Args:
-      unique_char_ids: (distinct, max_chars), rows 0/1 = <S>/</S>; token_index: (batch, time) int32 into
-      [distinct tokens, cache rows]; mask: (batch, time) bool; cache: (vocab, projection_dim) or None.
-    Returns:
-      float32 (layers, batch, time, dim) for mode "all", else (batch, time, dim); <S>/</S> removed.
-    """
-    if dtype != jnp.float32:
-        params = jax.tree.map(lambda p: p.astype(dtype), params)
-    vectors = token_embedding(params, options, unique_char_ids)  # (distinct, projection_dim)
+def token_vectors(params: dict, options: BiLMOptions, unique_char_ids: jax.Array, cache: jax.Array | None) -> jax.Array:
+    """unique_char_ids (distinct, max_chars) -> (distinct [+ vocab], projection_dim): computed tokens, then the cache."""
+    vectors = token_embedding(params, options, unique_char_ids)
     if cache is not None:
         vectors = jnp.concatenate([vectors, cache.astype(vectors.dtype)])
-    embedded = jnp.take(vectors, token_index, axis=0)  # (batch, time, projection_dim)
-    embedded, full_mask = add_sentence_boundaries(embedded, mask, vectors[0], vectors[1])
-    out, _ = bilm_from_token_embeddings(params, options, embedded, full_mask)
-    activations = out.activations[:, :, 1:-1] * mask[None, :, :, None]  # drop <S>, shift tokens back in place
-    return _reduce_layers(activations, mode, weights).astype(jnp.float32)
+    return vectors
+
+
+def embed_block(params: dict, options: BiLMOptions, forward_x: jax.Array, backward_x: jax.Array, mask: jax.Array,
+                state, mode: str = "all", weights: jax.Array | None = None):
+    """One time block of the stateless biLM over the running rows of a batch.
+
+    Args:
+      forward_x: (rows, steps, projection_dim) token vectors; backward_x: the same rows' tokens reversed
+      within each sentence; mask: (rows, steps) bool; state: BiLMState of (rows, ...) at the block's start.
+    Returns:
+      float32 (layers, rows, steps, 2 * projection_dim) for mode "all", else (rows, steps, 2 * projection_dim);
+      the last axis is [forward at step t, backward at reversed step t]; and the state after the block.
+    """
+    outputs, state = bilstm(params["lstm"], options, forward_x, mask, state, backward_x=backward_x)
+    token_layer = jnp.concatenate([forward_x, backward_x], axis=-1) * mask[..., None]
+    activations = jnp.stack([token_layer, *outputs])  # (layers, rows, steps, 2 * projection_dim)
+    return _reduce_layers(activations, mode, weights).astype(jnp.float32), state
+
+
+def assemble_rows(blocks: list[tuple[int, np.ndarray]], lengths: Sequence[int], projection_dim: int) -> list[np.ndarray]:
+    """Block outputs -> each sentence's (..., tokens, 2 * projection_dim) in sentence order, <S>/</S> dropped.
+
+    blocks: [(first step, (..., block rows, steps, 2 * projection_dim))], rows sorted as ``lengths``.
+    The backward half of row r at step t belongs to token position length + 1 - t (reversed within the row).
+    """
+    _, first = blocks[0]
+    steps = first.shape[-2]
+    lead, rows = first.shape[:-3], first.shape[-3]
+    full = np.zeros((*lead, rows, len(blocks) * steps, 2 * projection_dim), np.float32)
+    for start, block in blocks:
+        full[..., : block.shape[-3], start : start + steps, :] = block
+    out = []
+    for row, n in enumerate(lengths):
+        forward = full[..., row, 1 : n + 1, :projection_dim]
+        backward = full[..., row, n:0:-1, projection_dim:]  # reversed step t holds position n + 1 - t
+        out.append(np.concatenate([forward, backward], axis=-1))
+    return out
 
 
 class Embedder:
@@ -150,31 +157,35 @@ class Embedder:
     "all" (layers, n, dim), "top" / "average" / "token" (n, dim), or a sequence of per-layer weights
     (n, dim) = sum_k w_k * layer_k. ``sentence_vectors=True`` averages over tokens instead:
     (layers, dim) or (dim,) (TF-Hub ELMo's "default" output is the mean of the weighted mix).
+    With no options and weights files (and no ``model``), the built-in English model is used.
     """
 
     def __init__(self, options_file: str | os.PathLike | None = None, weight_file: str | os.PathLike | None = None,
                  *, model: BiLM | None = None, batch_size: int = 64, dtype: str = "float32", devices=None,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS, vocab: Iterable[str] | None = None,
-                 window_batches: int = 16, step_overhead_rows: int = 40):
+                 vocab: Iterable[str] | None = None, window_batches: int = 16, block_steps: int = BLOCK_STEPS):
         if model is None:
-            if options_file is None or weight_file is None:
-                raise ValueError("Embedder needs options_file and weight_file (or model=BiLM)")
-            model = BiLM.from_hdf5(options_file, weight_file)
+            if (options_file is None) != (weight_file is None):
+                raise ValueError("Embedder needs both options_file and weight_file, or neither (the built-in "
+                                 "English model), or model=BiLM")
+            model = BiLM.pretrained() if options_file is None else BiLM.from_hdf5(options_file, weight_file)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, found {batch_size}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, found {dtype!r}")
-        if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
-            raise ValueError(f"buckets must be increasing positive lengths, found {buckets}")
+        if block_steps < 1 or window_batches < 1:
+            raise ValueError(f"block_steps and window_batches must be >= 1, found {block_steps}, {window_batches}")
         self.model, self.options = model, model.options
-        self.batch_size, self.dtype, self.buckets = batch_size, DTYPES[dtype], tuple(buckets)
-        self.window_batches, self.step_overhead_rows = window_batches, step_overhead_rows
+        self.batch_size, self.dtype, self.block_steps = batch_size, DTYPES[dtype], block_steps
+        self.window_batches = window_batches
         self.mesh = data_mesh(devices)
         self.n_devices = self.mesh.devices.size
-        self.params = jax.device_put(model.params, replicated(self.mesh))
+        compute_params = jax.tree.map(lambda p: p.astype(self.dtype), model.params)
+        self.params = jax.device_put(compute_params, replicated(self.mesh))
         self._char_ids: dict[str, np.ndarray] = {}
-        self.compilations = 0  # programs traced so far: one per (rows, time, distinct, mode) shape
-        self._jit = jax.jit(self._traced, static_argnames=("mode",))
+        self.compilations = 0  # programs traced so far: one per (rows, mode) block shape, one per token count
+        self._vectors = jax.jit(self._traced_vectors)
+        self._gather = jax.jit(self._traced_gather)
+        self._block = jax.jit(self._traced_block, static_argnames=("mode",), donate_argnums=(3,))
         self.cache_words: dict[str, int] = {}
         self.cache = None
         if vocab is not None:
@@ -182,9 +193,18 @@ class Embedder:
             self.cache_words = {w: i for i, w in enumerate(words)}
             self.cache = jax.device_put(jnp.asarray(model.embed_vocabulary(words)), replicated(self.mesh))
 
-    def _traced(self, params, unique_char_ids, token_index, mask, cache, weights, *, mode):
+    # ----- jitted pieces (each traced once per shape) -----
+    def _traced_vectors(self, params, unique_char_ids, cache):
         self.compilations += 1  # runs once per compilation, not per call
-        return embed_batch(params, self.options, unique_char_ids, token_index, mask, cache, mode, weights, self.dtype)
+        return token_vectors(params, self.options, unique_char_ids, cache)
+
+    def _traced_gather(self, vectors, forward_index, backward_index):
+        self.compilations += 1
+        return jnp.take(vectors, forward_index, axis=0), jnp.take(vectors, backward_index, axis=0)
+
+    def _traced_block(self, params, forward_x, backward_x, state, mask, weights, *, mode):
+        self.compilations += 1
+        return embed_block(params, self.options, forward_x, backward_x, mask, state, mode, weights)
 
     # ----- host side -----
     def _token_ids(self, token: str) -> np.ndarray:
@@ -193,12 +213,14 @@ class Embedder:
             ids = self._char_ids[token] = token_to_char_ids(token, self.options.char_cnn.max_characters_per_token)
         return ids
 
-    def prepare(self, sentences: Sequence[Sequence[str]], positions: Sequence[int],
-                batch_size: int | None = None) -> PreparedBatch:
-        """Dedupe and pad one batch (host arrays, shapes bucketed and divisible by the device count)."""
-        rows = row_bucket(len(positions), batch_size or self.batch_size, self.n_devices)
+    def prepare(self, sentences: Sequence[Sequence[str]], positions: Sequence[int]) -> PreparedBatch:
+        """Dedupe and lay out one batch (host arrays); ``positions`` index ``sentences``, longest first."""
         lengths = np.array([len(sentences[p]) for p in positions])
-        time_steps = bucket_length(int(lengths.max()), self.buckets)
+        if np.any(lengths[1:] > lengths[:-1]):
+            raise ValueError("prepare needs positions sorted longest first")
+        steps = lengths + 2  # with <S> and </S>
+        blocks = plan_blocks(steps.tolist(), self.block_steps, self.n_devices)
+        rows = blocks[0][1]
         distinct = {BOS_TOKEN: 0, EOS_TOKEN: 1}
         for p in positions:
             for token in sentences[p]:
@@ -208,23 +230,44 @@ class Embedder:
         unique_char_ids = np.zeros((n_distinct, self.options.char_cnn.max_characters_per_token), np.int32)
         for token, i in distinct.items():
             unique_char_ids[i] = self._token_ids(token)
-        token_index = np.zeros((rows, time_steps), np.int32)
-        mask = np.zeros((rows, time_steps), bool)
+        total_steps = len(blocks) * self.block_steps
+        forward_index = np.zeros((rows, total_steps), np.int32)
+        backward_index = np.zeros((rows, total_steps), np.int32)
+        mask = np.zeros((rows, total_steps), bool)
         for row, p in enumerate(positions):
-            tokens = sentences[p]
-            token_index[row, : len(tokens)] = [
-                distinct[t] if t in distinct else n_distinct + self.cache_words[t] for t in tokens
-            ]
-            mask[row, : len(tokens)] = True
-        return PreparedBatch(list(positions), lengths, unique_char_ids, token_index, mask)
+            ids = [0] + [distinct[t] if t in distinct else n_distinct + self.cache_words[t] for t in sentences[p]] + [1]
+            forward_index[row, : len(ids)] = ids
+            backward_index[row, : len(ids)] = ids[::-1]
+            mask[row, : len(ids)] = True
+        return PreparedBatch(list(positions), lengths, unique_char_ids, forward_index, backward_index, mask, blocks)
 
-    def run(self, batch: PreparedBatch, mode: str | Sequence[float] = "all") -> jax.Array:
-        """Dispatch one prepared batch to the devices (asynchronous); returns the device array."""
+    def run(self, batch: PreparedBatch, mode: str | Sequence[float] = "all") -> list[tuple[int, jax.Array]]:
+        """Dispatch one prepared batch to the devices (asynchronous); returns [(first step, block output)]."""
         mode, weights = self._mode(mode)
         shard = by_batch(self.mesh)
-        return self._jit(self.params, jax.device_put(batch.unique_char_ids, shard),
-                         jax.device_put(batch.token_index, shard), jax.device_put(batch.mask, shard), self.cache,
-                         weights, mode=mode)
+        vectors = self._vectors(self.params, jax.device_put(batch.unique_char_ids, shard), self.cache)
+        if mode == "token":  # the context-free layer needs no LSTM: one block covering every step
+            rows, total = batch.forward_index.shape
+            blocks = [(0, rows, total)]
+        else:
+            blocks = [(start, rows, self.block_steps) for start, rows in batch.blocks]
+        state, outputs = None, []
+        for start, rows, steps in blocks:
+            window = (slice(0, rows), slice(start, start + steps))
+            forward_x, backward_x = self._gather(vectors, jax.device_put(batch.forward_index[window], shard),
+                                                 jax.device_put(batch.backward_index[window], shard))
+            mask = jax.device_put(batch.mask[window], shard)
+            if mode == "token":
+                token_layer = jnp.concatenate([forward_x, backward_x], axis=-1) * mask[..., None]
+                outputs.append((start, token_layer.astype(jnp.float32)))
+                continue
+            if state is None:
+                state = initial_state(self.options, rows, self.dtype)
+            elif state["forward"][0].h.shape[0] != rows:  # rows that have finished drop out
+                state = jax.tree.map(lambda a, n=rows: a[:n], state)
+            out, state = self._block(self.params, forward_x, backward_x, state, mask, weights, mode=mode)
+            outputs.append((start, out))
+        return outputs
 
     def _mode(self, mode):
         if isinstance(mode, str):
@@ -267,15 +310,14 @@ class Embedder:
 
     def _embed_window(self, window, mode, sentence_vectors, batch_size: int) -> Iterator[np.ndarray]:
         results: list[np.ndarray | None] = [None] * len(window)
-        order = sorted((p for p in range(len(window)) if len(window[p]) > 0), key=lambda p: len(window[p]))
+        order = sorted((p for p in range(len(window)) if len(window[p]) > 0), key=lambda p: -len(window[p]))
         in_flight = None
-        lengths = [len(window[p]) for p in order]
-        for start, end in plan_batches(lengths, batch_size, self.buckets, self.n_devices, self.step_overhead_rows):
-            batch = self.prepare(window, order[start:end], batch_size)
-            output = self.run(batch, mode)  # asynchronous: the next batch is prepared meanwhile
+        for start in range(0, len(order), batch_size):
+            batch = self.prepare(window, order[start : start + batch_size])
+            outputs = self.run(batch, mode)  # asynchronous: the previous batch is assembled meanwhile
             if in_flight is not None:
                 self._collect(*in_flight, results, sentence_vectors)
-            in_flight = (batch, output)
+            in_flight = (batch, outputs)
         if in_flight is not None:
             self._collect(*in_flight, results, sentence_vectors)
         layers, dim = self.options.n_representation_layers, self.options.output_dim
@@ -287,13 +329,10 @@ class Embedder:
                     result = np.full(shape[:-2] + (dim,), np.nan, np.float32)
             yield result
 
-    @staticmethod
-    def _collect(batch: PreparedBatch, output, results, sentence_vectors: bool) -> None:
-        host = np.asarray(output)
-        time_axis = host.ndim - 2  # (layers, rows, time, dim) or (rows, time, dim)
-        for row, (p, n) in enumerate(zip(batch.positions, batch.lengths)):
-            value = host[:, row, :n] if time_axis == 2 else host[row, :n]
-            results[p] = value.mean(axis=-2) if sentence_vectors else np.ascontiguousarray(value)
+    def _collect(self, batch: PreparedBatch, outputs, results, sentence_vectors: bool) -> None:
+        blocks = [(start, np.asarray(out)) for start, out in outputs]
+        for p, value in zip(batch.positions, assemble_rows(blocks, batch.lengths, self.options.lstm.projection_dim)):
+            results[p] = value.mean(axis=-2) if sentence_vectors else value
 
     def embed_file(self, input_file, output_file: str | os.PathLike, mode: str | Sequence[float] = "all",
                    batch_size: int | None = None, empty_lines: str = "error", progress: bool = True) -> dict:

@@ -83,12 +83,17 @@ def lstm_layer(params: dict, xs: jax.Array, mask: jax.Array, state: LSTMState, *
 
 
 def bidirectional_layer(forward: dict, backward: dict, xs: tuple[jax.Array, jax.Array], mask: jax.Array,
-                        state: tuple[LSTMState, LSTMState], *, cell_clip=None, proj_clip=None):
+                        state: tuple[LSTMState, LSTMState], *, cell_clip=None, proj_clip=None,
+                        backward_aligned: bool = False):
     """Forward and backward directions of one layer in a single scan.
 
-    The two directions' weights are stacked on a leading axis and the backward inputs are flipped in
-    time, so each scan step does one batched matmul for both directions. Padded steps keep the state,
-    so flipping the whole padded time axis still starts each backward pass at its sentence's last token.
+    The two directions' weights are stacked on a leading axis, so each scan step does one batched
+    matmul for both directions. By default the backward inputs are flipped in time; padded steps keep
+    the state, so flipping the whole padded time axis still starts each backward pass at its
+    sentence's last token. With ``backward_aligned`` the caller has already reversed each sentence's
+    backward inputs within its own length (left-aligned, the same mask as forward) and gets the
+    backward outputs in that order: then every row is active exactly on a prefix of the time axis in
+    both directions, which lets ``embed.py`` drop finished rows block by block.
 
     Args:
       forward, backward: lstm_layer params of each direction.
@@ -99,14 +104,15 @@ def bidirectional_layer(forward: dict, backward: dict, xs: tuple[jax.Array, jax.
       (forward ys, backward ys), each (batch, time, projection_dim), and (forward state, backward state).
     Same as: lstm_layer(forward, xs[0], ...) and lstm_layer(backward, xs[1], ..., reverse=True).
     """
+    flip = (lambda a: a) if backward_aligned else (lambda a: jnp.flip(a, axis=1))
     stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), forward, backward)
-    inputs = jnp.stack([xs[0], jnp.flip(xs[1], axis=1)])  # (2, batch, time, in_dim)
+    inputs = jnp.stack([xs[0], flip(xs[1])])  # (2, batch, time, in_dim)
     x_gates = input_gates(stacked, inputs)  # (2, batch, time, 4 * dim)
-    masks = jnp.stack([mask, jnp.flip(mask, axis=1)])  # (2, batch, time)
+    masks = jnp.stack([mask, flip(mask)])  # (2, batch, time)
     state = jax.tree.map(lambda a, b: jnp.stack([a, b]), state[0], state[1])
     step = functools.partial(lstm_step, _recurrent_params(stacked, inputs.shape[-1]), cell_clip=cell_clip,
                              proj_clip=proj_clip)
     state, ys = jax.lax.scan(step, state, (jnp.moveaxis(x_gates, 2, 0), jnp.moveaxis(masks, 2, 0)))
     ys = jnp.moveaxis(ys, 0, 2)  # (2, batch, time, projection_dim)
     states = (LSTMState(state.h[0], state.c[0]), LSTMState(state.h[1], state.c[1]))
-    return (ys[0], jnp.flip(ys[1], axis=1)), states
+    return (ys[0], flip(ys[1])), states

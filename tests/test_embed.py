@@ -7,7 +7,7 @@ import pytest
 
 from elmo_jax.characters import TokenError
 from elmo_jax.cli import main
-from elmo_jax.embed import Embedder, bucket_length, plan_batches
+from elmo_jax.embed import Embedder, assemble_rows, plan_blocks
 from tests import reference
 
 WORDS = "the bank raised its interest rates . I went to river and deposited money in a very long sentence".split()
@@ -24,10 +24,10 @@ def expected(tiny_model):
     return sentences, [reference.bilm_sentence(tiny_model.params, tiny_model.options, s)[:, 1:-1] for s in sentences]
 
 
-@pytest.mark.parametrize("batch_size, buckets, window", [(1, (8, 16, 32), 16), (5, (4, 8), 1), (16, (64,), 2)])
-def test_batching_bucketing_and_order_never_change_the_numbers(tiny_model, expected, batch_size, buckets, window):
+@pytest.mark.parametrize("batch_size, block_steps, window", [(1, 8, 16), (5, 3, 1), (16, 64, 2), (24, 1, 1)])
+def test_batching_blocks_and_order_never_change_the_numbers(tiny_model, expected, batch_size, block_steps, window):
     sentences, want = expected
-    embedder = Embedder(model=tiny_model, batch_size=batch_size, buckets=buckets, window_batches=window)
+    embedder = Embedder(model=tiny_model, batch_size=batch_size, block_steps=block_steps, window_batches=window)
     got = list(embedder.embed_sentences(sentences))
     assert len(got) == len(want)
     for a, b in zip(got, want):
@@ -36,18 +36,19 @@ def test_batching_bucketing_and_order_never_change_the_numbers(tiny_model, expec
 
 
 def test_compilations_are_bounded(tiny_model):
-    embedder = Embedder(model=tiny_model, batch_size=8, buckets=(8, 16, 32))
+    embedder = Embedder(model=tiny_model, batch_size=8)
     list(embedder.embed_sentences(_sentences(200, seed=1)))
     first = embedder.compilations
-    assert first <= 3 * 3  # time buckets x distinct-token buckets that 8 short sentences can reach
+    # block programs: one per row count (1, 2, 4, 8); token layer: distinct-token buckets 8 short
+    # sentences reach (64, 96, 128, 192); gathers: row counts x distinct-token buckets
+    assert first <= 4 + 4 + 4 * 4
     list(embedder.embed_sentences(_sentences(200, seed=2)))
     assert embedder.compilations <= first + 2
 
 
-def test_sentence_longer_than_every_bucket_is_embedded(tiny_model):
-    long = (WORDS * 3)[:45]
-    assert bucket_length(45, (8, 16)) == 48
-    got = Embedder(model=tiny_model, buckets=(8, 16)).embed_sentence(long)
+def test_long_sentence_is_embedded(tiny_model):
+    long = (WORDS * 20)[:300]
+    got = Embedder(model=tiny_model).embed_sentence(long)
     np.testing.assert_allclose(got, reference.bilm_sentence(tiny_model.params, tiny_model.options, long)[:, 1:-1],
                                atol=1e-5)
 
@@ -156,9 +157,18 @@ def test_bfloat16_compute_stays_close_to_float32(tiny_model, expected):
     assert 0 < worst < 0.05 * scale, (worst, scale)  # bf16 has an 8-bit mantissa: ~1e-2 relative
 
 
-def test_plan_batches_covers_everything_and_isolates_long_sentences():
-    lengths = sorted([5] * 100 + [180])
-    plan = plan_batches(lengths, batch_size=64, buckets=(8, 16, 32, 64, 128))
-    assert plan[0][0] == 0 and plan[-1][1] == len(lengths)
-    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:])) and all(0 < e - s <= 64 for s, e in plan)
-    assert plan[-1] == (100, 101)  # the one long sentence does not make 63 short ones run 256 steps
+def test_blocks_drop_finished_rows():
+    lengths = [180] + [7] * 100  # one long sentence, then short ones (steps, longest first)
+    blocks = plan_blocks(lengths, block_steps=8)
+    assert blocks[0] == (0, 104) and all(start == 8 * k for k, (start, _) in enumerate(blocks))
+    assert len(blocks) == 23 and all(rows == 1 for _, rows in blocks[1:])  # the long row runs alone
+    assert plan_blocks([20, 9, 3], block_steps=8, n_devices=4) == [(0, 4), (8, 4), (16, 4)]
+
+
+def test_assemble_rows_unreverses_the_backward_half():
+    # 2 rows (3 and 1 tokens), 1 layer of width 2 * 1; forward step t = 10 * t, backward step t = -t
+    steps = np.arange(8, dtype=np.float32)
+    block = np.stack([np.stack([10 * steps, -steps], axis=-1)] * 2)[None]  # (1, rows, steps, 2)
+    first, second = assemble_rows([(0, block[..., :4, :]), (4, block[..., 4:, :])], [3, 1], projection_dim=1)
+    np.testing.assert_array_equal(first[0], [[10, -3], [20, -2], [30, -1]])
+    np.testing.assert_array_equal(second[0], [[10, -1]])
