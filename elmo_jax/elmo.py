@@ -132,6 +132,13 @@ class Elmo:
         config = ElmoConfig(num_output_representations, dropout, do_layer_norm, keep_sentence_boundaries)
         return cls(BiLM.from_hdf5(options_file, weight_file), config, scalar_mix_parameters, vocab_to_cache)
 
+    @classmethod
+    def pretrained(cls, num_output_representations: int = 1, **kwargs) -> Elmo:
+        """ELMo over the built-in English biLM (``elmo_jax.pretrained``); kwargs as ``from_hdf5``."""
+        from .pretrained import default_model_files
+
+        return cls.from_hdf5(*default_model_files(), num_output_representations, **kwargs)
+
     def __call__(self, char_ids=None, *, word_ids=None, key=None) -> ElmoOutput:
         if word_ids is not None:
             if self.word_cache is None:

@@ -16,8 +16,9 @@ def add_embed_parser(subparsers) -> None:
     )
     parser.add_argument("input", help="input text file, or - for stdin")
     parser.add_argument("output", help="output HDF5 file")
-    parser.add_argument("--options", required=True, help="options.json of the biLM")
-    parser.add_argument("--weights", required=True, help="HDF5 weights of the biLM (bilm-tf / AllenNLP layout)")
+    parser.add_argument("--options", help="options.json of the biLM (default: the built-in English model)")
+    parser.add_argument("--weights", help="HDF5 weights of the biLM, bilm-tf / AllenNLP layout (default: the "
+                                          "built-in English model)")
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--all", dest="mode", action="store_const", const="all",
                        help="all layers: (layers, n_tokens, dim) per sentence (default)")
@@ -48,6 +49,8 @@ def run_embed(args) -> None:
     from .characters import Vocabulary
     from .embed import Embedder
 
+    if (args.options is None) != (args.weights is None):
+        raise ValueError("--options and --weights go together (leave both out for the built-in English model)")
     vocab = Vocabulary.from_file(args.vocab, require_specials=False).words if args.vocab else None
     embedder = Embedder(args.options, args.weights, batch_size=args.batch_size, dtype=args.dtype, vocab=vocab)
     stats = embedder.embed_file(args.input, args.output, mode=args.mode, empty_lines=args.empty_lines,

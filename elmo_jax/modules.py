@@ -50,6 +50,13 @@ class ElmoModule(nnx.Module):
         loaded = BiLM.from_hdf5(options_file, weight_file)
         return cls(loaded.params, loaded.options, **kwargs)
 
+    @classmethod
+    def pretrained(cls, **kwargs) -> ElmoModule:
+        """The built-in English biLM (``elmo_jax.pretrained``) with fresh scalar mixes; kwargs as ``__init__``."""
+        from .pretrained import default_model_files
+
+        return cls.from_hdf5(*default_model_files(), **kwargs)
+
     def __call__(self, char_ids: jax.Array, *, rngs: nnx.Rngs | None = None) -> ElmoOutput:
         """char_ids (batch, time, max_chars) -> ElmoOutput (representations (batch, time, dim) each, mask)."""
         bilm_output, _ = bilm(_values(self.bilm), self.options, char_ids)
