@@ -85,8 +85,8 @@ def best_threshold(similarity: np.ndarray, labels: np.ndarray) -> float:
     valid = np.ones(len(s) + 1, bool)
     valid[1:-1] = s[1:] > s[:-1]  # cannot cut between equal similarities
     k = int(np.argmax(np.where(valid, correct, -1)))
-    if k == 0:
-        return float(s[0]) - 1.0
+    if k == 0:  # every pair "same": just below the smallest similarity
+        return float(np.nextafter(s[0], -np.inf))
     if k == len(s):
         return float(s[-1])
     return float((s[k - 1] + s[k]) / 2)

@@ -15,9 +15,9 @@ Rule for the target word:
   two-word phrases ('extreme temperatures') that carry little context.
 - Only single-word lemmas (no space); multiword lemmas ('physical object') are skipped.
 - A token is the target when, lowercased, it equals the lemma or WordNet's morphology maps it to the
-  lemma: the exception list of that part of speech ('ran' -> 'run', 'geese' -> 'goose') or one of
-  morphy's suffix rules ('objects' -> 'object', 'studies' -> 'study', 'taken' is in verb.exc,
-  'parked' -> 'park', 'larger' -> 'large').
+  lemma: the exception list of that part of speech ('ran' -> 'run', 'geese' -> 'goose', 'taken' ->
+  'take') or one of morphy's suffix rules ('objects' -> 'object', 'studies' -> 'study', 'parked' ->
+  'park', 'larger' -> 'large').
 - An example counts for a lemma only when exactly one token matches it; none or several: dropped.
 - A sentence that is an example of two synsets of the same lemma is dropped for that lemma (its
   label would be ambiguous).
@@ -29,13 +29,14 @@ first version of this set that paired inflections; with one form per pair, the t
 the same vector to both sentences and can only score chance, as WiC intends. For each (lemma, pos),
 positives are pairs of examples of one synset, negatives pairs of examples of two different
 synsets; min(#positives, #negatives, --max-per-label) of each are drawn at random, so every lemma,
-and so every split, has as many 1s as 0s and a classifier cannot profit from knowing the lemma. Split: lemmas (ignoring pos, so 'bank' noun and verb stay together)
-are shuffled and dealt to dev or test, each lemma to the split with fewer pairs so far; no lemma is in
-both. Everything is seeded (--seed), so the output is the same on every run.
+and so every split, has as many 1s as 0s and a classifier cannot profit from knowing the lemma.
+Split: lemmas (ignoring pos, so 'bank' noun and verb stay together) are shuffled and dealt to dev or
+test, each lemma to the split with fewer pairs so far; no lemma is in both. Everything is seeded
+(--seed), so the output is the same on every run.
 
-Unlike WiC, no senses are pruned: WiC dropped pairs whose WordNet senses are very close in the
-network, so this set keeps WordNet's finest distinctions and is, if anything, harder. It is no
-train set either: the threshold is tuned on dev, as in WiC's unsupervised baselines.
+Unlike WiC, no senses are pruned (WiC dropped closely related WordNet senses, by their place in the
+network), so this set keeps WordNet's finest distinctions. It has no train split either: the
+threshold is tuned on dev, as in WiC's unsupervised baselines.
 
 Output: dev.tsv and test.tsv with header `lemma pos label sentence1 index1 sentence2 index2` (tab
 separated; index = 0-based index of the target token in the whitespace-split sentence), and
