@@ -29,14 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from .bilm import BiLM, bilstm, initial_state, token_embedding
-from .characters import BOS_TOKEN, EOS_TOKEN, TokenError, token_to_char_ids
+from .characters import BOS_TOKEN, EOS_TOKEN, PAD_CHAR, TokenError, token_to_char_ids
 from .options import BiLMOptions
 from .sharding import by_batch, data_mesh, replicated, round_up
 from .weights import write_atomic
 
 OUTPUT_MODES = ("all", "top", "average", "token")
+PAD_ID = PAD_CHAR + 1  # char ids are +1 shifted
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BLOCK_STEPS = 8
+SHORT_TOKEN_POSITIONS = 16  # <bow> + up to 14 bytes + <eow>: almost every word of running text
 
 
 def block_rows(n: int, n_devices: int = 1) -> int:
@@ -68,27 +70,46 @@ def plan_blocks(lengths: Sequence[int], block_steps: int, n_devices: int = 1) ->
     return blocks
 
 
-def distinct_count_bucket(n: int) -> int:
-    """Pad a batch's count of distinct tokens to 64, 96, 128, 192, 256, 384, ... so few shapes cover all batches."""
-    size = 64
-    while size < n:
-        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3  # 2^k -> 1.5 * 2^k -> 2^(k+1)
-    return size
+def count_bucket(n: int, minimum: int = 64) -> int:
+    """Pad a count of distinct tokens to a multiple of ``minimum`` up to 8x it, then of 2x, 4x, ... (at most
+    ~12% padding above 8x, ~25% below it), so a few compiled token-layer programs cover every batch."""
+    step = minimum
+    while n > 8 * step:
+        step *= 2
+    return round_up(n, step)
+
+
+def short_token_chars(options: BiLMOptions) -> int:
+    """Char positions that suffice for a token with at most SHORT_TOKEN_POSITIONS ids before its padding.
+
+    Exact, not an approximation: a word's ids are <bow> bytes <eow> and then only padding ids. Every
+    convolution window that starts in the padding sees the same ids, so it gives the same value, and
+    that value is already among the windows computed within the first SHORT_TOKEN_POSITIONS + widest
+    filter positions. The max over all positions is therefore the max over those, and the char CNN of a
+    short token may skip the rest (2/3 of its work at 50 positions).
+    """
+    widest = max(width for width, _ in options.char_cnn.filters)
+    return min(SHORT_TOKEN_POSITIONS + widest, options.char_cnn.max_characters_per_token)
 
 
 class PreparedBatch:
     """Host arrays for one batch, rows sorted longest first.
 
     positions: the window positions of the rows; lengths: tokens per row (without <S>, </S>);
-    unique_char_ids: (distinct, max_chars), rows 0 and 1 are <S> and </S>; forward_index: (rows, steps) int32,
-    each row's tokens with <S>/</S> as indices into [computed distinct tokens, cached vocabulary];
-    backward_index: the same reversed within each row's length; mask: (rows, steps) bool; blocks: plan_blocks.
+    short_char_ids: (short distinct, short_token_chars) the first char ids of the batch's short tokens, rows 0
+    and 1 are <S> and </S>; long_char_ids: (long distinct, max_chars) or None, the other tokens;
+    forward_index: (rows, steps) int32, each row's tokens with <S>/</S> as indices into [short tokens, long
+    tokens, cached vocabulary]; backward_index: the same reversed within each row's length; mask: (rows,
+    steps) bool; blocks: plan_blocks.
     """
 
-    __slots__ = ("positions", "lengths", "unique_char_ids", "forward_index", "backward_index", "mask", "blocks")
+    __slots__ = ("positions", "lengths", "short_char_ids", "long_char_ids", "forward_index", "backward_index",
+                 "mask", "blocks")
 
-    def __init__(self, positions, lengths, unique_char_ids, forward_index, backward_index, mask, blocks):
-        self.positions, self.lengths, self.unique_char_ids = positions, lengths, unique_char_ids
+    def __init__(self, positions, lengths, short_char_ids, long_char_ids, forward_index, backward_index, mask,
+                 blocks):
+        self.positions, self.lengths = positions, lengths
+        self.short_char_ids, self.long_char_ids = short_char_ids, long_char_ids
         self.forward_index, self.backward_index, self.mask, self.blocks = forward_index, backward_index, mask, blocks
 
 
@@ -103,14 +124,6 @@ def _reduce_layers(activations: jax.Array, mode: str, weights: jax.Array | None)
     if mode == "token":
         return activations[0]
     return jnp.einsum("l,l...->...", weights.astype(activations.dtype), activations)  # weighted mix
-
-
-def token_vectors(params: dict, options: BiLMOptions, unique_char_ids: jax.Array, cache: jax.Array | None) -> jax.Array:
-    """unique_char_ids (distinct, max_chars) -> (distinct [+ vocab], projection_dim): computed tokens, then the cache."""
-    vectors = token_embedding(params, options, unique_char_ids)
-    if cache is not None:
-        vectors = jnp.concatenate([vectors, cache.astype(vectors.dtype)])
-    return vectors
 
 
 def embed_block(params: dict, options: BiLMOptions, forward_x: jax.Array, backward_x: jax.Array, mask: jax.Array,
@@ -183,6 +196,7 @@ class Embedder:
         self.params = jax.device_put(compute_params, replicated(self.mesh))
         self._char_ids: dict[str, np.ndarray] = {}
         self.compilations = 0  # programs traced so far: one per (rows, mode) block shape, one per token count
+        self.short_chars = short_token_chars(self.options)
         self._vectors = jax.jit(self._traced_vectors)
         self._gather = jax.jit(self._traced_gather)
         self._block = jax.jit(self._traced_block, static_argnames=("mode",), donate_argnums=(3,))
@@ -194,9 +208,9 @@ class Embedder:
             self.cache = jax.device_put(jnp.asarray(model.embed_vocabulary(words)), replicated(self.mesh))
 
     # ----- jitted pieces (each traced once per shape) -----
-    def _traced_vectors(self, params, unique_char_ids, cache):
+    def _traced_vectors(self, params, char_ids):
         self.compilations += 1  # runs once per compilation, not per call
-        return token_vectors(params, self.options, unique_char_ids, cache)
+        return token_embedding(params, self.options, char_ids)
 
     def _traced_gather(self, vectors, forward_index, backward_index):
         self.compilations += 1
@@ -221,31 +235,51 @@ class Embedder:
         steps = lengths + 2  # with <S> and </S>
         blocks = plan_blocks(steps.tolist(), self.block_steps, self.n_devices)
         rows = blocks[0][1]
-        distinct = {BOS_TOKEN: 0, EOS_TOKEN: 1}
+        short, long = [BOS_TOKEN, EOS_TOKEN], []
+        seen = set(short)
         for p in positions:
             for token in sentences[p]:
-                if token not in distinct and token not in self.cache_words:
-                    distinct[token] = len(distinct)
-        n_distinct = round_up(distinct_count_bucket(len(distinct)), self.n_devices)
-        unique_char_ids = np.zeros((n_distinct, self.options.char_cnn.max_characters_per_token), np.int32)
-        for token, i in distinct.items():
-            unique_char_ids[i] = self._token_ids(token)
+                if token not in seen and token not in self.cache_words:
+                    seen.add(token)
+                    ids = self._token_ids(token)
+                    is_short = self.short_chars == len(ids) or ids[SHORT_TOKEN_POSITIONS] == PAD_ID
+                    (short if is_short else long).append(token)
+        n_short = round_up(count_bucket(len(short)), self.n_devices)
+        n_long = round_up(count_bucket(len(long), 8), self.n_devices) if long else 0
+        index = {token: i for i, token in enumerate(short)}
+        index.update((token, n_short + i) for i, token in enumerate(long))
+        index.update((token, n_short + n_long + i) for token, i in self.cache_words.items())
+        max_chars = self.options.char_cnn.max_characters_per_token
+        short_char_ids = np.zeros((n_short, self.short_chars), np.int32)
+        for i, token in enumerate(short):
+            short_char_ids[i] = self._token_ids(token)[: self.short_chars]
+        long_char_ids = None
+        if long:
+            long_char_ids = np.zeros((n_long, max_chars), np.int32)
+            for i, token in enumerate(long):
+                long_char_ids[i] = self._token_ids(token)
         total_steps = len(blocks) * self.block_steps
         forward_index = np.zeros((rows, total_steps), np.int32)
         backward_index = np.zeros((rows, total_steps), np.int32)
         mask = np.zeros((rows, total_steps), bool)
         for row, p in enumerate(positions):
-            ids = [0] + [distinct[t] if t in distinct else n_distinct + self.cache_words[t] for t in sentences[p]] + [1]
+            ids = [0] + [index[t] for t in sentences[p]] + [1]
             forward_index[row, : len(ids)] = ids
             backward_index[row, : len(ids)] = ids[::-1]
             mask[row, : len(ids)] = True
-        return PreparedBatch(list(positions), lengths, unique_char_ids, forward_index, backward_index, mask, blocks)
+        return PreparedBatch(list(positions), lengths, short_char_ids, long_char_ids, forward_index, backward_index,
+                             mask, blocks)
 
     def run(self, batch: PreparedBatch, mode: str | Sequence[float] = "all") -> list[tuple[int, jax.Array]]:
         """Dispatch one prepared batch to the devices (asynchronous); returns [(first step, block output)]."""
         mode, weights = self._mode(mode)
         shard = by_batch(self.mesh)
-        vectors = self._vectors(self.params, jax.device_put(batch.unique_char_ids, shard), self.cache)
+        parts = [self._vectors(self.params, jax.device_put(batch.short_char_ids, shard))]
+        if batch.long_char_ids is not None:
+            parts.append(self._vectors(self.params, jax.device_put(batch.long_char_ids, shard)))
+        if self.cache is not None:
+            parts.append(self.cache.astype(self.dtype))
+        vectors = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
         if mode == "token":  # the context-free layer needs no LSTM: one block covering every step
             rows, total = batch.forward_index.shape
             blocks = [(0, rows, total)]

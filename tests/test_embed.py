@@ -172,3 +172,22 @@ def test_assemble_rows_unreverses_the_backward_half():
     first, second = assemble_rows([(0, block[..., :4, :]), (4, block[..., 4:, :])], [3, 1], projection_dim=1)
     np.testing.assert_array_equal(first[0], [[10, -3], [20, -2], [30, -1]])
     np.testing.assert_array_equal(second[0], [[10, -1]])
+
+
+def test_short_tokens_skip_padding_windows_exactly(tiny_model):
+    from elmo_jax.bilm import token_embedding
+    from elmo_jax.characters import token_to_char_ids
+    from elmo_jax.embed import short_token_chars
+
+    words = ["a", "bank", "x" * 13, "y" * 14, "z" * 15, "ÿ" * 7, "€" * 5, "w" * 60]
+    embedder = Embedder(model=tiny_model)
+    batch = embedder.prepare([words], [0])
+    short_chars = short_token_chars(tiny_model.options)
+    assert batch.short_char_ids.shape[1] == short_chars < 50
+    assert batch.long_char_ids is not None and np.count_nonzero(batch.long_char_ids.any(axis=1)) == 3  # z*15, €*5, w*60
+    ids = np.stack([token_to_char_ids(w) for w in words])
+    full = token_embedding(tiny_model.params, tiny_model.options, ids)
+    short = token_embedding(tiny_model.params, tiny_model.options, ids[:5, :short_chars])
+    np.testing.assert_allclose(short, full[:5], atol=1e-6)
+    np.testing.assert_allclose(embedder.embed_sentence(words),
+                               reference.bilm_sentence(tiny_model.params, tiny_model.options, words)[:, 1:-1], atol=1e-5)
