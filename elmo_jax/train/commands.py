@@ -24,17 +24,30 @@ _ERRORS = (DataError, TrainError, OptionsError, WeightsError, TokenError, OSErro
 
 def register(subparsers) -> None:
     """Add the train, perplexity and export subcommands to an argparse subparsers object."""
-    p = subparsers.add_parser("train", help="pretrain (or fine-tune) a biLM as bilm-tf does",
-                              description="Pretrain a biLM on sharded text (one tokenized sentence per line).")
-    p.add_argument("--train-prefix", help="glob of training shards, e.g. 'data/*.txt' (quote it)")
-    p.add_argument("--vocab", help="vocabulary file, frequency-sorted, <S> </S> <UNK> first")
-    p.add_argument("--options", help="options.json (bilm-tf layout, with the training fields)")
+    p = subparsers.add_parser(
+        "train", help="pretrain (or fine-tune) a biLM as bilm-tf does",
+        description="Pretrain a biLM on sharded text (one tokenized sentence per line) with bilm-tf's data, loss "
+        "and optimiser (bilm-tf's train_elmo.py; --resume for restart.py). A new run needs --train-prefix, "
+        "--vocab and --options; the options' batch_size is the global batch, split over --devices. --out gets "
+        "checkpoints/, config.json and metrics.jsonl. With --resume, the run's saved config.json is used and "
+        "--train-prefix, --vocab, --options, --init-weights, --seed, --log-every, --checkpoint-every and "
+        "--learning-rate are ignored.")
+    p.add_argument("--train-prefix", help="glob of training shards, e.g. 'data/*.txt' (quote it); required unless "
+                                          "--resume")
+    p.add_argument("--vocab", help="vocabulary file, one token per line, frequency-sorted, <S> </S> <UNK> first, "
+                                   "n_tokens_vocab lines; required unless --resume")
+    p.add_argument("--options", help="options.json (bilm-tf layout, with bilm-tf's training fields such as "
+                                     "n_tokens_vocab, batch_size and unroll_steps); required unless --resume")
     p.add_argument("--out", required=True, help="run directory: checkpoints, config.json, metrics.jsonl")
-    p.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out exactly")
-    p.add_argument("--steps", type=int, help="train this many (more) steps; default: n_epochs * n_train_tokens "
-                                             "/ (batch_size * unroll_steps)")
-    p.add_argument("--init-weights", help="fine-tune: start from this HDF5 biLM (the softmax starts fresh)")
-    p.add_argument("--devices", type=int, help="use the first N local devices (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out exactly (params, "
+                                                         "optimiser, LSTM state, data position)")
+    p.add_argument("--steps", type=int, help="a new run's total steps (default: n_epochs * n_train_tokens / "
+                                             "(batch_size * unroll_steps)); with --resume, this many more steps "
+                                             "(default: up to the run's total)")
+    p.add_argument("--init-weights", help="fine-tune: start from this HDF5 biLM, which must match --options (the "
+                                          "softmax starts fresh)")
+    p.add_argument("--devices", type=int, help="use the first N local devices (default: all); batch_size must "
+                                               "divide evenly over them")
     p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize() first")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and dropout (default 0)")
     p.add_argument("--log-every", type=int, default=100, help="log and append metrics every N steps (default 100)")
@@ -42,25 +55,37 @@ def register(subparsers) -> None:
     p.add_argument("--learning-rate", type=float, default=0.2, help="Adagrad learning rate (default 0.2)")
     p.set_defaults(func=train_command)
 
-    p = subparsers.add_parser("perplexity", help="test perplexity with the full softmax (bilm-tf's run_test)",
-                              description="Full-softmax perplexity of a trained biLM on test shards. The "
-                                          "softmax comes from a run directory (published HDF5 files have none).")
-    p.add_argument("--test-prefix", required=True, help="glob of test shards")
-    p.add_argument("--vocab", required=True, help="the training vocabulary")
-    p.add_argument("--run-dir", help="training run directory (params and softmax of its latest checkpoint)")
-    p.add_argument("--options", help="options.json (default: the run's)")
-    p.add_argument("--weights", help="HDF5 biLM weights to use instead of the run's biLM params")
+    p = subparsers.add_parser(
+        "perplexity", help="test perplexity with the full softmax (bilm-tf's run_test)",
+        description="Full-softmax perplexity of a trained biLM on test shards, as bilm-tf's run_test.py: one "
+        "unshuffled pass in windows of --batch-size rows x --unroll-steps tokens, LSTM state carried, the last "
+        "partial batch dropped. Prints JSON on stdout: forward, backward and mean perplexity (exp of the mean over "
+        "batches of the mean of the directions' losses; bilm-tf's AVERAGE PERPLEXITY), and batches. The softmax "
+        "comes from a run directory (published HDF5 files have none).")
+    p.add_argument("--test-prefix", required=True, help="glob of test shards, e.g. 'heldout/*.txt' (quote it)")
+    p.add_argument("--vocab", required=True, help="the training vocabulary file")
+    p.add_argument("--run-dir", help="training run directory (params and softmax of its latest checkpoint); "
+                                     "required")
+    p.add_argument("--options", help="options.json to use instead of the run's (n_tokens_vocab defaults to the "
+                                     "run's)")
+    p.add_argument("--weights", help="HDF5 biLM weights to evaluate instead of the run's biLM params, with the "
+                                     "run's softmax")
     p.add_argument("--batch-size", type=int, default=256, help="rows per batch (default 256, as bilm-tf)")
     p.add_argument("--unroll-steps", type=int, default=1, help="tokens per window (default 1, as bilm-tf)")
     p.set_defaults(func=perplexity_command)
 
-    p = subparsers.add_parser("export", help="write a run's biLM as weights.hdf5 + options.json",
-                              description="Export the biLM (no softmax) in the published HDF5 layout.")
-    p.add_argument("run_dir", help="training run directory")
-    p.add_argument("--weights", required=True, help="output HDF5 weights")
-    p.add_argument("--options", required=True, help="output options.json (n_characters 262)")
-    p.add_argument("--vocab", help="also write token embeddings of these words")
-    p.add_argument("--token-embeddings", help="output HDF5 of token embeddings (key 'embedding')")
+    p = subparsers.add_parser(
+        "export", help="write a run's biLM as weights.hdf5 + options.json",
+        description="Export the biLM (no softmax) of a run's latest checkpoint in the published HDF5 layout, "
+        "loadable by elmo_jax, AllenNLP and bilm-tf (bilm-tf's dump_weights.py, plus the options.json). With "
+        "--vocab and --token-embeddings, also bilm-tf's dump_token_embeddings.")
+    p.add_argument("run_dir", help="training run directory (its latest checkpoint is exported)")
+    p.add_argument("--weights", required=True, help="output HDF5 weights (no softmax)")
+    p.add_argument("--options", required=True, help="output options.json (n_characters 262, training fields kept)")
+    p.add_argument("--vocab", help="vocabulary file (one token per line) whose token embeddings to write; "
+                                   "needs --token-embeddings")
+    p.add_argument("--token-embeddings", help="output HDF5 of token embeddings: dataset 'embedding', (n_words, "
+                                              "projection_dim), row i = line i of --vocab; needs --vocab")
     p.set_defaults(func=export_command)
 
 
@@ -70,6 +95,7 @@ def _fail(command: str, message: str) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    """``elmo-jax train``: a new run from --train-prefix/--vocab/--options, or ``--resume`` of --out; returns 0."""
     try:
         if args.distributed:
             from .trainer import initialize_distributed
@@ -107,6 +133,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def perplexity_command(args: argparse.Namespace) -> int:
+    """``elmo-jax perplexity``: prints the run's full-softmax test perplexities as JSON; returns 0."""
     try:
         from .data import load_vocabulary
         from .evaluate import load_run, perplexity
@@ -134,6 +161,7 @@ def perplexity_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
+    """``elmo-jax export``: writes the run's biLM weights, options.json and optional token embeddings; returns 0."""
     try:
         from .evaluate import export
 
