@@ -16,3 +16,4 @@ def test_quickstart_runs(elmo_tiny):
     assert namespace["out"].activations.shape == (3, 2, 8, 32)
     assert namespace["rep"].representations[0].shape == (2, 6, 32)
     assert namespace["vectors"].shape == (3, 3, 32)
+    assert namespace["layers"].shape == (3, 6, 256)  # the built-in model
