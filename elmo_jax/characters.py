@@ -98,6 +98,13 @@ class Vocabulary:
     """
 
     def __init__(self, words: Iterable[str], source: str = "vocabulary", require_specials: bool = True):
+        """Index ``words`` (id = position; a repeated word keeps its first id).
+
+        Args:
+          words: the tokens, one per id; each a non-empty str without whitespace.
+          source: name used in error messages (the file path for ``from_file``).
+          require_specials: raise TokenError unless ``<S>``, ``</S>`` and ``<UNK>`` are all present.
+        """
         self.words = list(words)
         self.source = source
         self.index = {}
@@ -112,6 +119,7 @@ class Vocabulary:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, require_specials: bool = True) -> Vocabulary:
+        """Read a UTF-8 file, one token per line (trailing blank lines ignored); TokenError naming the file."""
         path = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as f:
@@ -129,17 +137,21 @@ class Vocabulary:
 
     @property
     def bos(self) -> int:
+        """Id of ``<S>``."""
         return self.index[BOS_TOKEN]
 
     @property
     def eos(self) -> int:
+        """Id of ``</S>``."""
         return self.index[EOS_TOKEN]
 
     @property
     def unk(self) -> int:
+        """Id of ``<UNK>``."""
         return self.index[UNK_TOKEN]
 
     def word_to_id(self, word: str) -> int:
+        """Id of ``word``; ``<UNK>``'s id for an unknown word (-1 if the vocabulary has no ``<UNK>``)."""
         return self.index.get(word, self.index.get(UNK_TOKEN, -1))
 
     def encode(self, tokens: Sequence[str]) -> np.ndarray:

@@ -7,7 +7,16 @@ import jax.numpy as jnp
 
 
 def init_scalar_mix(n_layers: int, initial_weights=None, gamma: float = 1.0) -> dict:
-    """{"weights": (n_layers,) pre-softmax, zeros = equal weights; "gamma": () scale}."""
+    """Params of one scalar mix.
+
+    Args:
+      n_layers: number of layers mixed (the biLM's n_layers + 1).
+      initial_weights: (n_layers,) pre-softmax weights (AllenNLP's ``scalar_mix_parameters``); None for zeros,
+        i.e. equal weights after the softmax.
+      gamma: the initial scale.
+    Returns:
+      {"weights": (n_layers,) float32, "gamma": () float32}.
+    """
     weights = jnp.zeros((n_layers,), jnp.float32) if initial_weights is None else jnp.asarray(initial_weights,
                                                                                                 jnp.float32)
     if weights.shape != (n_layers,):

@@ -66,6 +66,8 @@ class TrainConfig:
     init_weights: str | None = None
 
     def total_steps(self) -> int:
+        """Steps of the whole run: ``n_steps``, else n_epochs * n_train_tokens // (batch_size * unroll_steps), at
+        least 1; TrainError if neither is known."""
         if self.n_steps is not None:
             return self.n_steps
         t = self.options.training
@@ -74,12 +76,14 @@ class TrainConfig:
         return max(1, t.n_epochs * t.n_train_tokens // (t.batch_size * t.unroll_steps))
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field; ``options`` as an options.json dict with the training fields."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
         out["options"] = self.options.to_dict(include_training=True)
         return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Inverse of ``to_dict``; ``source`` names the file in OptionsError messages."""
         raw = dict(raw)
         options = BiLMOptions.from_dict(raw.pop("options"), source=source)
         return cls(options=options, **raw)
@@ -202,6 +206,7 @@ class Trainer:
     checkpoint exactly (params, optimiser, LSTM carry, data position, key, step).
 
     devices: the devices of the data mesh (default all); the global batch_size must divide evenly over them.
+    log_stream: where the one-line log of each log step goes (default stdout); metrics.jsonl gets them too.
     """
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
