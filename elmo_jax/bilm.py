@@ -17,7 +17,7 @@ import numpy as np
 from .char_cnn import char_cnn
 from .characters import boundary_char_ids
 from .highway import highway
-from .lstm import bidirectional_layer, zero_state
+from .lstm import bidirectional_layer, stack_directions, zero_state
 from .options import BiLMOptions
 
 BiLMState = dict  # {"forward": [LSTMState per layer], "backward": [LSTMState per layer]}
@@ -132,7 +132,8 @@ def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, st
     """The stacked bidirectional LSTM.
 
     Args:
-      params: {"forward": [layer params], "backward": [layer params]} (see lstm.lstm_layer).
+      params: {"forward": [layer params], "backward": [layer params]} (see lstm.lstm_layer), or the same
+        from ``stacked_lstm_params`` (faster when called many times: the stacking is done once).
       x: (batch, time, projection_dim) token embeddings; mask: (batch, time) bool.
       state: initial BiLMState, None for zeros.
       backward_x: None (the backward LM reads ``x`` from each sentence's end), or the backward LM's inputs
@@ -145,11 +146,12 @@ def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, st
     lstm = options.lstm
     if state is None:
         state = initial_state(options, x.shape[0], x.dtype)
+    layers = params["stacked"] if "stacked" in params else stacked_lstm_params(params)["stacked"]
     inputs = (x, x if backward_x is None else backward_x)
     outputs, new_state = [], {"forward": [], "backward": []}
     for layer in range(lstm.n_layers):
         ys, (fw_state, bw_state) = bidirectional_layer(
-            params["forward"][layer], params["backward"][layer], inputs, mask,
+            layers[layer], inputs, mask,
             (state["forward"][layer], state["backward"][layer]),
             cell_clip=lstm.cell_clip, proj_clip=lstm.proj_clip, backward_aligned=backward_x is not None,
         )
@@ -161,6 +163,11 @@ def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, st
         outputs.append(jnp.concatenate(ys, axis=-1) * mask[..., None])
         inputs = ys
     return outputs, new_state
+
+
+def stacked_lstm_params(params: dict) -> dict:
+    """{"forward": [layer], "backward": [layer]} -> {"stacked": [stack_directions(forward, backward) per layer]}."""
+    return {"stacked": [stack_directions(f, b) for f, b in zip(params["forward"], params["backward"])]}
 
 
 def bilm_from_token_embeddings(params: dict, options: BiLMOptions, token_embeddings: jax.Array, mask: jax.Array,

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .bilm import BiLM, bilstm, initial_state, token_embedding
+from .bilm import BiLM, bilstm, initial_state, stacked_lstm_params, token_embedding
 from .characters import BOS_TOKEN, EOS_TOKEN, PAD_CHAR, TokenError, token_to_char_ids
 from .options import BiLMOptions
 from .sharding import by_batch, data_mesh, replicated, round_up
@@ -193,6 +193,7 @@ class Embedder:
         self.mesh = data_mesh(devices)
         self.n_devices = self.mesh.devices.size
         compute_params = jax.tree.map(lambda p: p.astype(self.dtype), model.params)
+        compute_params["lstm"] = stacked_lstm_params(compute_params["lstm"])  # once, not in every block call
         self.params = jax.device_put(compute_params, replicated(self.mesh))
         self._char_ids: dict[str, np.ndarray] = {}
         self.compilations = 0  # programs traced so far: one per (rows, mode) block shape, one per token count

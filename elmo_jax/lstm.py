@@ -82,13 +82,19 @@ def lstm_layer(params: dict, xs: jax.Array, mask: jax.Array, state: LSTMState, *
     return ys.swapaxes(0, 1), state
 
 
-def bidirectional_layer(forward: dict, backward: dict, xs: tuple[jax.Array, jax.Array], mask: jax.Array,
+def stack_directions(forward: dict, backward: dict) -> dict:
+    """One layer's forward and backward lstm_layer params -> the same keys with a leading axis of 2."""
+    return jax.tree.map(lambda a, b: jnp.stack([a, b]), forward, backward)
+
+
+def bidirectional_layer(layer: dict, xs: tuple[jax.Array, jax.Array], mask: jax.Array,
                         state: tuple[LSTMState, LSTMState], *, cell_clip=None, proj_clip=None,
                         backward_aligned: bool = False):
     """Forward and backward directions of one layer in a single scan.
 
-    The two directions' weights are stacked on a leading axis, so each scan step does one batched
-    matmul for both directions. By default the backward inputs are flipped in time; padded steps keep
+    The two directions' weights are stacked on a leading axis (``stack_directions``, done once by the
+    caller, since inside a jitted call it would copy every weight on every call), so each scan step does
+    one batched matmul for both directions. By default the backward inputs are flipped in time; padded steps keep
     the state, so flipping the whole padded time axis still starts each backward pass at its
     sentence's last token. With ``backward_aligned`` the caller has already reversed each sentence's
     backward inputs within its own length (left-aligned, the same mask as forward) and gets the
@@ -96,7 +102,7 @@ def bidirectional_layer(forward: dict, backward: dict, xs: tuple[jax.Array, jax.
     both directions, which lets ``embed.py`` drop finished rows block by block.
 
     Args:
-      forward, backward: lstm_layer params of each direction.
+      layer: stack_directions(forward params, backward params), e.g. "kernel" (2, in_dim + projection_dim, 4 * dim).
       xs: (forward inputs, backward inputs), each (batch, time, in_dim).
       mask: (batch, time) bool.
       state: (forward LSTMState, backward LSTMState).
@@ -105,7 +111,7 @@ def bidirectional_layer(forward: dict, backward: dict, xs: tuple[jax.Array, jax.
     Same as: lstm_layer(forward, xs[0], ...) and lstm_layer(backward, xs[1], ..., reverse=True).
     """
     flip = (lambda a: a) if backward_aligned else (lambda a: jnp.flip(a, axis=1))
-    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), forward, backward)
+    stacked = layer
     inputs = jnp.stack([xs[0], flip(xs[1])])  # (2, batch, time, in_dim)
     x_gates = input_gates(stacked, inputs)  # (2, batch, time, 4 * dim)
     masks = jnp.stack([mask, flip(mask)])  # (2, batch, time)

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elmo_jax.lstm import LSTMState, bidirectional_layer, lstm_layer, zero_state
+from elmo_jax.lstm import LSTMState, bidirectional_layer, lstm_layer, stack_directions, zero_state
 from tests.reference import lstm_run
 
 BATCH, TIME, IN, DIM, PROJ = 3, 7, 5, 6, 5
@@ -54,8 +54,25 @@ def test_bidirectional_layer_equals_two_layers():
     xs, mask, _ = _inputs()
     xs_back = xs * 2.0
     state = (zero_state(BATCH, DIM, PROJ), LSTMState(jnp.ones((BATCH, PROJ)) * 0.1, jnp.ones((BATCH, DIM)) * 0.1))
-    (fw, bw), (fs, bs) = bidirectional_layer(forward, backward, (xs, xs_back), mask, state, cell_clip=1.0)
+    (fw, bw), (fs, bs) = bidirectional_layer(stack_directions(forward, backward), (xs, xs_back), mask, state, cell_clip=1.0)
     fw_ref, fs_ref = lstm_layer(forward, xs, mask, state[0], cell_clip=1.0)
     bw_ref, bs_ref = lstm_layer(backward, xs_back, mask, state[1], cell_clip=1.0, reverse=True)
     for a, b in [(fw, fw_ref), (bw, bw_ref), (fs.h, fs_ref.h), (fs.c, fs_ref.c), (bs.h, bs_ref.h), (bs.c, bs_ref.c)]:
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_backward_aligned_equals_flipped_time_axis():
+    """Reversing each sentence within its own length (left-aligned) gives the same backward LM."""
+    layer = stack_directions(_params(jax.random.key(0)), _params(jax.random.key(5)))
+    xs, mask, lengths = _inputs()
+    state = (zero_state(BATCH, DIM, PROJ), zero_state(BATCH, DIM, PROJ))
+    (fw, bw), _ = bidirectional_layer(layer, (xs, xs), mask, state, cell_clip=1.0)
+    within = np.zeros((BATCH, TIME), np.int32)  # row r, step t reads position lengths[r] - 1 - t
+    for r, n in enumerate(lengths):
+        within[r, :n] = np.arange(n)[::-1]
+    xs_aligned = jnp.take_along_axis(xs, jnp.asarray(within)[..., None], axis=1)
+    (fw_a, bw_a), _ = bidirectional_layer(layer, (xs, xs_aligned), mask, state, cell_clip=1.0, backward_aligned=True)
+    np.testing.assert_allclose(fw_a, fw, atol=1e-6)
+    for r, n in enumerate(lengths):
+        np.testing.assert_allclose(bw_a[r, :n][::-1], bw[r, :n], atol=1e-6)
+        np.testing.assert_array_equal(bw_a[r, n:], 0.0)
