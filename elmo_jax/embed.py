@@ -393,7 +393,7 @@ class Embedder:
                 if not tokens and empty_lines == "error":
                     raise TokenError(f"{_name(input_file)}: line {number} is empty; remove it or use "
                                      f"empty_lines='skip' (--empty-lines skip)")
-                index.setdefault(text.strip(), str(number - 1))
+                index[text.strip()] = str(number - 1)  # a repeated sentence maps to its last line, as AllenNLP
                 yield tokens
 
         def write(tmp: str) -> None:

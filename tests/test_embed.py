@@ -191,3 +191,11 @@ def test_short_tokens_skip_padding_windows_exactly(tiny_model):
     np.testing.assert_allclose(short, full[:5], atol=1e-6)
     np.testing.assert_allclose(embedder.embed_sentence(words),
                                reference.bilm_sentence(tiny_model.params, tiny_model.options, words)[:, 1:-1], atol=1e-5)
+
+
+def test_cli_repeated_sentence_maps_to_its_last_line_as_allennlp(tmp_path, cli_args):
+    (tmp_path / "in.txt").write_text("a b\nc\na b\n")
+    assert main(["embed", str(tmp_path / "in.txt"), str(tmp_path / "out.hdf5"), *cli_args]) == 0
+    with h5py.File(tmp_path / "out.hdf5", "r") as f:
+        assert json.loads(f["sentence_to_index"][0]) == {"a b": "2", "c": "1"}
+        assert sorted(f.keys()) == ["0", "1", "2", "sentence_to_index"]
