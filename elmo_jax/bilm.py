@@ -36,6 +36,14 @@ def init_params(options: BiLMOptions, key: jax.Array) -> dict:
 
     Scales follow bilm-tf's training initialisers loosely: normal / sqrt(fan_in), zero biases
     (highway carry bias -2 so layers start close to identity, as bilm-tf does).
+
+    Args:
+      options: the model's sizes; key: PRNG key.
+    Returns:
+      {"char_embed": (n_characters, char_dim) with row 0 zero, "convolutions": [{"kernel": (width, char_dim,
+      n), "bias": (n,)}], "highway": [{"carry"|"transform": {"kernel": (F, F), "bias": (F,)}}], "projection":
+      {"kernel": (F, P), "bias": (P,)}, "lstm": {"forward"|"backward": [{"kernel": (2P, 4D), "bias": (4D,),
+      "projection": (D, P)}] per layer}} with F = total filters, P = projection_dim, D = lstm dim.
     """
     cnn, lstm = options.char_cnn, options.lstm
     n_filters, proj, dim = cnn.n_filters, lstm.projection_dim, lstm.dim
@@ -119,7 +127,7 @@ def boundary_embeddings(params: dict, options: BiLMOptions) -> tuple[jax.Array, 
 
 
 def initial_state(options: BiLMOptions, batch: int, dtype=jnp.float32) -> BiLMState:
-    """Zero LSTM state for every layer and direction."""
+    """Zero LSTM state: {"forward"|"backward": [LSTMState(h (batch, projection_dim), c (batch, dim)) per layer]}."""
     lstm = options.lstm
     return {
         direction: [zero_state(batch, lstm.dim, lstm.projection_dim, dtype) for _ in range(lstm.n_layers)]
@@ -231,6 +239,7 @@ class BiLM:
     """
 
     def __init__(self, params: dict, options: BiLMOptions):
+        """params: the nested dict of ``init_params`` / ``weights.load_hdf5``; options: the matching BiLMOptions."""
         self.params = params
         self.options = options
 
@@ -281,6 +290,7 @@ class BiLM:
         return np.concatenate(chunks)
 
     def initial_state(self, batch: int) -> BiLMState:
+        """Zero state for ``batch`` rows (see ``initial_state``)."""
         return initial_state(self.options, batch)
 
 
@@ -302,6 +312,7 @@ class StatefulBiLM:
     """
 
     def __init__(self, bilm: BiLM, max_batch_size: int):
+        """Keep one LSTM state row per batch row, up to ``max_batch_size`` rows, starting from zeros."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, found {max_batch_size}")
         self.bilm = bilm
@@ -313,6 +324,8 @@ class StatefulBiLM:
         self.state = initial_state(self.bilm.options, self.max_batch_size)
 
     def __call__(self, char_ids) -> BiLMOutput:
+        """char_ids (batch, time, max_chars) -> BiLMOutput, continuing each row's state from the previous call
+        (rows beyond ``batch`` keep theirs); the new state is kept, not returned."""
         batch = np.shape(char_ids)[0]
         if batch > self.max_batch_size:
             raise ValueError(f"batch of {batch} rows is larger than max_batch_size={self.max_batch_size}")

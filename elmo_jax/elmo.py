@@ -27,7 +27,12 @@ class ElmoOutput(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ElmoConfig:
-    """How biLM layers become representations (hashable: a static jit argument)."""
+    """How biLM layers become representations (hashable: a static jit argument).
+
+    num_output_representations: how many scalar mixes (AllenNLP's argument of that name); dropout: rate on
+    each representation when a key is given; do_layer_norm: AllenNLP's masked layer norm of each layer before
+    mixing; keep_sentence_boundaries: keep <S> and </S> in the outputs (and mask).
+    """
 
     num_output_representations: int = 1
     dropout: float = 0.5
@@ -60,6 +65,8 @@ def mix_representations(mix_params: list, config: ElmoConfig, bilm_output: BiLMO
       mix_params: [scalar mix params] * num_output_representations.
       bilm_output: activations (n_layers + 1, batch, time + 2, dim) and mask (batch, time + 2).
       key: PRNG key for dropout; None = no dropout (inference).
+    Returns:
+      ElmoOutput: representations, each (batch, time, dim) (time + 2 with keep_sentence_boundaries), and mask.
     """
     representations = []
     keys = jax.random.split(key, len(mix_params)) if key is not None else [None] * len(mix_params)
@@ -107,6 +114,9 @@ class Elmo:
     """
 
     def __init__(self, bilm_model: BiLM, config: ElmoConfig, scalar_mix_parameters=None, vocab_to_cache=None):
+        """bilm_model: a loaded BiLM; config: ElmoConfig; scalar_mix_parameters: initial (unnormalised) mix
+        weights, one per layer (default zeros = equal weights); vocab_to_cache: words whose token vectors are
+        precomputed so that ``word_ids`` can be passed instead of characters."""
         n_layers = bilm_model.options.n_representation_layers
         self.bilm = bilm_model
         self.options = bilm_model.options
@@ -140,6 +150,9 @@ class Elmo:
         return cls.from_hdf5(*default_model_files(), num_output_representations, **kwargs)
 
     def __call__(self, char_ids=None, *, word_ids=None, key=None) -> ElmoOutput:
+        """char_ids (batch, time, max_chars) from batch_to_ids, or word_ids (batch, time) into vocab_to_cache
+        (0 = padding) -> ElmoOutput (representations (batch, time, 2 * projection_dim) each, mask (batch, time)).
+        ``key`` turns dropout on."""
         if word_ids is not None:
             if self.word_cache is None:
                 raise ValueError("word_ids need a vocabulary cache: build Elmo with vocab_to_cache=[...]")
@@ -157,4 +170,5 @@ class Elmo:
         return out
 
     def get_output_dim(self) -> int:
+        """Width of each representation: 2 * projection_dim (AllenNLP's method of that name)."""
         return self.options.output_dim

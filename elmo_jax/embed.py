@@ -171,6 +171,16 @@ class Embedder:
     (n, dim) = sum_k w_k * layer_k. ``sentence_vectors=True`` averages over tokens instead:
     (layers, dim) or (dim,) (TF-Hub ELMo's "default" output is the mean of the weighted mix).
     With no options and weights files (and no ``model``), the built-in English model is used.
+
+    Args:
+      options_file, weight_file: a biLM in the bilm-tf / AllenNLP layout (both or neither).
+      model: an already loaded BiLM instead of files.
+      batch_size: sentences per batch (memory; the numbers do not depend on it).
+      dtype: "float32" or "bfloat16" compute (outputs are float32 either way).
+      devices: the devices whose mesh splits each batch's rows (default all local devices).
+      vocab: words whose token vectors are computed once and cached (AllenNLP's vocab_to_cache).
+      window_batches: batches of sentences read and sorted by length at a time (memory stays bounded).
+      block_steps: time steps per biLSTM block; finished rows drop out between blocks.
     """
 
     def __init__(self, options_file: str | os.PathLike | None = None, weight_file: str | os.PathLike | None = None,
@@ -229,7 +239,9 @@ class Embedder:
         return ids
 
     def prepare(self, sentences: Sequence[Sequence[str]], positions: Sequence[int]) -> PreparedBatch:
-        """Dedupe and lay out one batch (host arrays); ``positions`` index ``sentences``, longest first."""
+        """Dedupe and lay out one batch: host arrays of PreparedBatch, rows padded by ``block_rows``.
+
+        ``positions`` index ``sentences`` and must be sorted longest first."""
         lengths = np.array([len(sentences[p]) for p in positions])
         if np.any(lengths[1:] > lengths[:-1]):
             raise ValueError("prepare needs positions sorted longest first")
@@ -272,7 +284,10 @@ class Embedder:
                              mask, blocks)
 
     def run(self, batch: PreparedBatch, mode: str | Sequence[float] = "all") -> list[tuple[int, jax.Array]]:
-        """Dispatch one prepared batch to the devices (asynchronous); returns [(first step, block output)]."""
+        """Dispatch one prepared batch to the devices (asynchronous).
+
+        Returns [(first step, block output)], each output (layers, rows, block_steps, 2 * projection_dim) for mode
+        "all", else (rows, block_steps, 2 * projection_dim), rows shrinking block by block; see assemble_rows."""
         mode, weights = self._mode(mode)
         shard = by_batch(self.mesh)
         parts = [self._vectors(self.params, jax.device_put(batch.short_char_ids, shard))]

@@ -28,7 +28,7 @@ class LSTMState(NamedTuple):
 
 
 def zero_state(batch: int, dim: int, projection_dim: int, dtype=jnp.float32) -> LSTMState:
-    """All-zero state of one layer, one direction."""
+    """All-zero state of one layer, one direction: h (batch, projection_dim), c (batch, dim)."""
     return LSTMState(h=jnp.zeros((batch, projection_dim), dtype), c=jnp.zeros((batch, dim), dtype))
 
 

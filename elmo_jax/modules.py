@@ -35,6 +35,9 @@ class ElmoModule(nnx.Module):
 
     def __init__(self, bilm_params: dict, options: BiLMOptions, config: ElmoConfig = ElmoConfig(),
                  trainable_bilm: bool = False, scalar_mix_parameters=None):
+        """bilm_params: the loader's params dict; options: BiLMOptions; config: ElmoConfig (number of mixes,
+        dropout, layer norm, boundaries); trainable_bilm: fine-tune the biLM too; scalar_mix_parameters:
+        initial mix weights, one per layer."""
         self.options = options
         self.config = config
         kind = nnx.Param if trainable_bilm else FrozenParam
@@ -46,7 +49,9 @@ class ElmoModule(nnx.Module):
 
     @classmethod
     def from_hdf5(cls, options_file: str | os.PathLike, weight_file: str | os.PathLike, **kwargs) -> ElmoModule:
-        """Load published weights. kwargs: config, trainable_bilm, scalar_mix_parameters."""
+        """Load an options.json + weights.hdf5 (published or exported) biLM with fresh scalar mixes.
+
+        kwargs: config, trainable_bilm, scalar_mix_parameters (as ``__init__``)."""
         loaded = BiLM.from_hdf5(options_file, weight_file)
         return cls(loaded.params, loaded.options, **kwargs)
 
