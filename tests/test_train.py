@@ -26,7 +26,9 @@ from elmo_jax.train.loss import (
 )
 from elmo_jax.train.trainer import TrainConfig, Trainer, TrainError
 
-FIXTURES = "/work/shared/fixtures/train_tiny"
+from tests.conftest import FIXTURES as SHARED_FIXTURES  # noqa: E402  (../shared/fixtures or ELMO_JAX_FIXTURES)
+
+FIXTURES = str(SHARED_FIXTURES / "train_tiny")
 DATA, VOCAB = f"{FIXTURES}/data.txt", f"{FIXTURES}/vocab.txt"
 N_VOCAB = 32
 

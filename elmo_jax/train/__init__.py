@@ -2,3 +2,7 @@
 
 Nothing in the embedding path imports this package.
 """
+
+from .trainer import TrainConfig, Trainer, TrainError, load_config
+
+__all__ = ["TrainConfig", "TrainError", "Trainer", "load_config"]
