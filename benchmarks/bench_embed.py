@@ -1,6 +1,6 @@
 """Embedding speed of elmo_jax's Embedder, side by side with AllenNLP in the same run.
 
-    python benchmarks/bench_embed.py --size 2x4096_512_2048cnn_2xhighway --max-sentences 200 --compare-allennlp
+    python benchmarks/bench_embed.py --size 2x4096_512_2048cnn_2xhighway --max-sentences 200 --compare-allennlp [--compare-tf]
 
 Random weights at the published sizes are written by ../shared/bench/make_weights.py (exact original
 layout). Prints one JSON line with tokens/s, compilations, compile time, peak memory, the model's
@@ -69,8 +69,9 @@ def make_weights(size: str, directory: pathlib.Path) -> pathlib.Path:
     return target
 
 
-def run_allennlp(python: str, weights: pathlib.Path, sentences: str, args, out: str) -> dict:
-    command = [python, str(SHARED_BENCH / "ref_allennlp.py"), "--options", str(weights / "options.json"),
+def run_peer(script: str, python: str, weights: pathlib.Path, sentences: str, args, out: str) -> dict:
+    """Run a peer harness of ../shared/bench (ref_allennlp.py or ref_tf.py) on the same sentences and batch size."""
+    command = [python, str(SHARED_BENCH / script), "--options", str(weights / "options.json"),
                "--weights", str(weights / "weights.hdf5"), "--sentences", sentences, "--batch-size",
                str(args.batch_size), "--threads", str(os.cpu_count()), "--repeats", str(args.repeats), "--out", out]
     if args.max_sentences:
@@ -94,6 +95,9 @@ def main() -> None:
     parser.add_argument("--compare-allennlp", action="store_true")
     parser.add_argument("--allennlp-python", default="/tmp/elmo-bench-venv/bin/python",
                         help="python of the venv made by ../shared/bench/setup.sh")
+    parser.add_argument("--compare-tf", action="store_true", help="also run bilm-tf's graph (ref_tf.py)")
+    parser.add_argument("--tf-python", default="/tmp/elmo-bench-tf-venv/bin/python",
+                        help="python of the venv made by ../shared/bench/setup.sh --tf")
     args = parser.parse_args()
 
     weights = make_weights(args.size, pathlib.Path(args.weights_dir))
@@ -153,16 +157,18 @@ def main() -> None:
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "fraction_of_peak": round(flops / seconds / peak, 3),
     }
-    if args.compare_allennlp:
+    peers = [("allennlp", "ref_allennlp.py", args.allennlp_python)] if args.compare_allennlp else []
+    peers += [("tf", "ref_tf.py", args.tf_python)] if args.compare_tf else []
+    for name, script, python in peers:
         with tempfile.TemporaryDirectory() as tmp:
-            reference = run_allennlp(args.allennlp_python, weights, args.sentences, args, os.path.join(tmp, "ref.hdf5"))
+            reference = run_peer(script, python, weights, args.sentences, args, os.path.join(tmp, "ref.hdf5"))
             with h5py.File(os.path.join(tmp, "ref.hdf5"), "r") as f:
                 diff = max(float(np.abs(f[str(i)][...] - out).max()) for i, out in enumerate(outputs))
         result.update({
-            "allennlp_tokens_per_s": reference["tokens_per_s"],
-            "allennlp_seconds_all": reference["seconds_all"],
-            "speedup_vs_allennlp": round(result["tokens_per_s"] / reference["tokens_per_s"], 2),
-            "max_abs_diff_vs_allennlp": diff,
+            f"{name}_tokens_per_s": reference["tokens_per_s"],
+            f"{name}_seconds_all": reference["seconds_all"],
+            f"speedup_vs_{name}": round(result["tokens_per_s"] / reference["tokens_per_s"], 2),
+            f"max_abs_diff_vs_{name}": diff,
         })
     print(json.dumps(result), flush=True)
 
