@@ -242,6 +242,18 @@ class BiLM:
         """params: the nested dict of ``init_params`` / ``weights.load_hdf5``; options: the matching BiLMOptions."""
         self.params = params
         self.options = options
+        self._compute_params = None
+
+    @property
+    def compute_params(self) -> dict:
+        """``params`` with the LSTM in ``stacked_lstm_params``'s layout, made once (outside jit) on first use.
+
+        The jitted calls run on these: stacking and splitting the kernels inside a jitted scan copies them on
+        every step. Costs a second copy of the LSTM weights; the numbers are the same.
+        """
+        if self._compute_params is None:
+            self._compute_params = {**self.params, "lstm": stacked_lstm_params(self.params["lstm"])}
+        return self._compute_params
 
     @classmethod
     def from_hdf5(cls, options_file: str | os.PathLike, weight_file: str | os.PathLike) -> BiLM:
@@ -269,7 +281,7 @@ class BiLM:
     def __call__(self, char_ids, state: BiLMState | None = None) -> tuple[BiLMOutput, BiLMState]:
         """char_ids (batch, time, max_chars) -> (BiLMOutput, final state); see ``bilm``."""
         char_ids = _check_char_ids(char_ids, self.options)
-        return _bilm_jit(self.params, self.options, char_ids, state)
+        return _bilm_jit(self.compute_params, self.options, char_ids, state)
 
     def token_embedding(self, char_ids) -> jax.Array:
         """char ids (..., max_chars) -> context-free token vectors (..., projection_dim)."""

@@ -161,13 +161,20 @@ class Elmo:
                 raise ValueError(f"word_ids must be a non-empty (batch, time) array, found shape {word_ids.shape}")
             if word_ids.min() < 0 or word_ids.max() >= len(self.vocab_to_cache):
                 raise ValueError(f"word_ids must index vocab_to_cache (0..{len(self.vocab_to_cache) - 1})")
-            out, _ = _elmo_words_jit(self.params, self.options, self.config, self.word_cache,
+            out, _ = _elmo_words_jit(self._compute_params(), self.options, self.config, self.word_cache,
                                      jnp.asarray(word_ids, jnp.int32), key, None)
             return out
         if char_ids is None:
             raise ValueError("pass char_ids (from batch_to_ids) or word_ids")
-        out, _ = _elmo_jit(self.params, self.options, self.config, _check_char_ids(char_ids, self.options), key, None)
+        out, _ = _elmo_jit(self._compute_params(), self.options, self.config, _check_char_ids(char_ids, self.options), key, None)
         return out
+
+    def _compute_params(self) -> dict:
+        """``params`` with the biLM in its jit-friendly layout (``BiLM.compute_params``), unless the user has
+        replaced ``params["bilm"]`` (e.g. with trained values), which is then used as it is."""
+        if self.params["bilm"] is self.bilm.params:
+            return {**self.params, "bilm": self.bilm.compute_params}
+        return self.params
 
     def get_output_dim(self) -> int:
         """Width of each representation: 2 * projection_dim (AllenNLP's method of that name)."""
