@@ -261,7 +261,7 @@ class Embedder:
         n_long = round_up(count_bucket(len(long), 8), self.n_devices) if long else 0
         index = {token: i for i, token in enumerate(short)}
         index.update((token, n_short + i) for i, token in enumerate(long))
-        index.update((token, n_short + n_long + i) for token, i in self.cache_words.items())
+        cached = n_short + n_long  # cache rows follow the computed tokens
         max_chars = self.options.char_cnn.max_characters_per_token
         short_char_ids = np.zeros((n_short, self.short_chars), np.int32)
         for i, token in enumerate(short):
@@ -276,7 +276,7 @@ class Embedder:
         backward_index = np.zeros((rows, total_steps), np.int32)
         mask = np.zeros((rows, total_steps), bool)
         for row, p in enumerate(positions):
-            ids = [0] + [index[t] for t in sentences[p]] + [1]
+            ids = [0] + [index[t] if t in index else cached + self.cache_words[t] for t in sentences[p]] + [1]
             forward_index[row, : len(ids)] = ids
             backward_index[row, : len(ids)] = ids[::-1]
             mask[row, : len(ids)] = True
