@@ -38,6 +38,7 @@ OUTPUT_MODES = ("all", "top", "average", "token")
 PAD_ID = PAD_CHAR + 1  # char ids are +1 shifted
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BLOCK_STEPS = 8
+CHAR_ID_CACHE_SIZE = 200_000  # words whose char ids are kept (~60 MB)
 SHORT_TOKEN_POSITIONS = 16  # <bow> + up to 14 bytes + <eow>: almost every word of running text
 
 
@@ -235,6 +236,8 @@ class Embedder:
     def _token_ids(self, token: str) -> np.ndarray:
         ids = self._char_ids.get(token)
         if ids is None:
+            if len(self._char_ids) >= CHAR_ID_CACHE_SIZE:  # memory stays bounded on any corpus
+                self._char_ids.clear()
             ids = self._char_ids[token] = token_to_char_ids(token, self.options.char_cnn.max_characters_per_token)
         return ids
 
