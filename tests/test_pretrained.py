@@ -134,8 +134,9 @@ def bank_vectors(shipped):
 # Known failure of the shipped model, kept strict so that a model that passes makes this marker fail and be
 # removed. The small model trained for two hours on a 2-core CPU represents 'bank' mostly by the word and its
 # nearest neighbours: "... the bank ." and "... river bank ." share the right context exactly (identical
-# backward halves) and nearly the left one, so cos(money 1, river) is ~0.97 against ~0.5-0.7 for the two
-# money senses, in the forward half alone too (MODEL_CARD.md, Results). Issue #7 stays open on this.
+# backward halves) and nearly the left one, so cos(money 1, river) is 0.93-0.95 against 0.63-0.70 for the
+# two money senses, and the forward halves alone rank them the same way (MODEL_CARD.md, Results). Issue #7
+# stays open on this.
 @pytest.mark.xfail(strict=True, reason="the shipped small model does not separate the senses of 'bank' yet")
 @pytest.mark.parametrize("layers", [(1,), (2,), (1, 2)], ids=["layer1", "layer2", "average_1_2"])
 def test_lstm_layers_separate_the_senses_of_bank(bank_vectors, layers):
