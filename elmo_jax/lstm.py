@@ -133,12 +133,11 @@ def bidirectional_layer(layer: dict, xs: tuple[jax.Array, jax.Array], mask: jax.
     Same as: lstm_layer(forward, xs[0], ...) and lstm_layer(backward, xs[1], ..., reverse=True).
     """
     flip = (lambda a: a) if backward_aligned else (lambda a: jnp.flip(a, axis=1))
-    stacked = layer
     inputs = jnp.stack([xs[0], flip(xs[1])])  # (2, batch, time, in_dim)
-    x_gates = input_gates(stacked, inputs)  # (2, batch, time, 4 * dim)
+    x_gates = input_gates(layer, inputs)  # (2, batch, time, 4 * dim)
     masks = jnp.stack([mask, flip(mask)])  # (2, batch, time)
     state = jax.tree.map(lambda a, b: jnp.stack([a, b]), state[0], state[1])
-    step = functools.partial(lstm_step, _recurrent_params(stacked, inputs.shape[-1]), cell_clip=cell_clip,
+    step = functools.partial(lstm_step, _recurrent_params(layer, inputs.shape[-1]), cell_clip=cell_clip,
                              proj_clip=proj_clip)
     state, ys = jax.lax.scan(step, state, (jnp.moveaxis(x_gates, 2, 0), jnp.moveaxis(masks, 2, 0)))
     ys = jnp.moveaxis(ys, 0, 2)  # (2, batch, time, projection_dim)
