@@ -127,6 +127,11 @@ def _reduce_layers(activations: jax.Array, mode: str, weights: jax.Array | None)
     return jnp.einsum("l,l...->...", weights.astype(activations.dtype), activations)  # weighted mix
 
 
+def token_layer(forward_x: jax.Array, backward_x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Layer 0 of a block: (rows, steps, projection_dim) twice -> (rows, steps, 2 * projection_dim), zero at padding."""
+    return jnp.concatenate([forward_x, backward_x], axis=-1) * mask[..., None]
+
+
 def embed_block(params: dict, options: BiLMOptions, forward_x: jax.Array, backward_x: jax.Array, mask: jax.Array,
                 state, mode: str = "all", weights: jax.Array | None = None):
     """One time block of the stateless biLM over the running rows of a batch.
@@ -139,8 +144,7 @@ def embed_block(params: dict, options: BiLMOptions, forward_x: jax.Array, backwa
       the last axis is [forward at step t, backward at reversed step t]; and the state after the block.
     """
     outputs, state = bilstm(params["lstm"], options, forward_x, mask, state, backward_x=backward_x)
-    token_layer = jnp.concatenate([forward_x, backward_x], axis=-1) * mask[..., None]
-    activations = jnp.stack([token_layer, *outputs])  # (layers, rows, steps, 2 * projection_dim)
+    activations = jnp.stack([token_layer(forward_x, backward_x, mask), *outputs])  # (layers, rows, steps, 2 * projection_dim)
     return _reduce_layers(activations, mode, weights).astype(jnp.float32), state
 
 
@@ -311,8 +315,7 @@ class Embedder:
                                                  jax.device_put(batch.backward_index[window], shard))
             mask = jax.device_put(batch.mask[window], shard)
             if mode == "token":
-                token_layer = jnp.concatenate([forward_x, backward_x], axis=-1) * mask[..., None]
-                outputs.append((start, token_layer.astype(jnp.float32)))
+                outputs.append((start, token_layer(forward_x, backward_x, mask).astype(jnp.float32)))
                 continue
             if state is None:
                 state = initial_state(self.options, rows, self.dtype)
