@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     from jax.sharding import Mesh
 
     from elmo_jax.options import BiLMOptions
-    from elmo_jax.train.trainer import _compiled
+    from elmo_jax.train.trainer import _compiled, long_token_bound
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="2x1024_128")
@@ -107,16 +107,17 @@ def main(argv=None) -> dict:
     state = init(jax.random.PRNGKey(0), None)
     rng = np.random.default_rng(0)
     batches = [random_batch(rng, args.batch, args.unroll, args.vocab_size) for _ in range(2)]
+    bounds = [long_token_bound(b) for b in batches]  # as the Trainer does, per batch
     by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     batches = [jax.device_put(b, by_batch) for b in batches]
 
     start = time.perf_counter()
-    state, metrics = step(state, batches[0], None)
+    state, metrics = step(state, batches[0], None, bounds[0])
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     for i in range(args.steps):
-        state, metrics = step(state, batches[i % 2], None)
+        state, metrics = step(state, batches[i % 2], None, bounds[i % 2])
     loss = float(jax.device_get(metrics["loss"]))  # waits for the last step
     elapsed = time.perf_counter() - start
 

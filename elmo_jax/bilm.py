@@ -78,16 +78,19 @@ def init_params(options: BiLMOptions, key: jax.Array) -> dict:
     return params
 
 
-def token_embedding(params: dict, options: BiLMOptions, char_ids: jax.Array) -> jax.Array:
+def token_embedding(params: dict, options: BiLMOptions, char_ids: jax.Array,
+                    long_token_rows: int | None = None) -> jax.Array:
     """Context-free token vectors: char CNN -> highway -> projection.
 
     Args:
       char_ids: (..., max_chars) int32.
+      long_token_rows: see ``char_cnn.char_cnn`` (None: convolve every position of every token).
     Returns:
       (..., projection_dim); masked tokens are not zeroed here (``bilm`` masks its outputs).
     """
     *lead, max_chars = char_ids.shape
-    x = char_cnn(params, char_ids.reshape(-1, max_chars), options.char_cnn.activation)  # (tokens, n_filters)
+    x = char_cnn(params, char_ids.reshape(-1, max_chars), options.char_cnn.activation,
+                 long_token_rows)  # (tokens, n_filters)
     x = highway(params["highway"], x)
     x = x @ params["projection"]["kernel"] + params["projection"]["bias"]  # (tokens, projection_dim)
     return x.reshape(*lead, x.shape[-1])

@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import char_cnn
 from .bilm import BiLM, bilstm, initial_state, stacked_lstm_params, token_embedding
+from .char_cnn import SHORT_TOKEN_POSITIONS
 from .characters import BOS_TOKEN, EOS_TOKEN, PAD_CHAR, TokenError, token_to_char_ids
 from .options import BiLMOptions
 from .sharding import by_batch, data_mesh, replicated, round_up
@@ -39,7 +41,6 @@ PAD_ID = PAD_CHAR + 1  # char ids are +1 shifted
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BLOCK_STEPS = 8
 CHAR_ID_CACHE_SIZE = 200_000  # words whose char ids are kept (~60 MB)
-SHORT_TOKEN_POSITIONS = 16  # <bow> + up to 14 bytes + <eow>: almost every word of running text
 
 
 def block_rows(n: int, n_devices: int = 1) -> int:
@@ -81,16 +82,9 @@ def count_bucket(n: int, minimum: int = 64) -> int:
 
 
 def short_token_chars(options: BiLMOptions) -> int:
-    """Char positions that suffice for a token with at most SHORT_TOKEN_POSITIONS ids before its padding.
-
-    Exact, not an approximation: a word's ids are <bow> bytes <eow> and then only padding ids. Every
-    convolution window that starts in the padding sees the same ids, so it gives the same value, and
-    that value is already among the windows computed within the first SHORT_TOKEN_POSITIONS + widest
-    filter positions. The max over all positions is therefore the max over those, and the char CNN of a
-    short token may skip the rest (2/3 of its work at 50 positions).
-    """
-    widest = max(width for width, _ in options.char_cnn.filters)
-    return min(SHORT_TOKEN_POSITIONS + widest, options.char_cnn.max_characters_per_token)
+    """Char positions that suffice for a short token (see ``char_cnn.short_token_chars``)."""
+    return char_cnn.short_token_chars([width for width, _ in options.char_cnn.filters],
+                                      options.char_cnn.max_characters_per_token)
 
 
 class PreparedBatch:

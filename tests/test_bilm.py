@@ -95,3 +95,36 @@ def test_bad_char_ids(tiny_model):
         tiny_model(np.zeros((2, 3), np.int32))
     with pytest.raises(ValueError, match="empty"):
         tiny_model(np.zeros((0, 3, 50), np.int32))
+
+
+def test_char_cnn_long_token_bound_gives_the_full_values_and_gradients(tiny_model):
+    """The training step's char CNN: short tokens over their first positions, up to a bound of long ones
+    over all; values and gradients equal the full convolution's."""
+    import jax.numpy as jnp
+
+    from elmo_jax.char_cnn import char_cnn, long_tokens
+    from elmo_jax.characters import token_to_char_ids
+    from elmo_jax.train.trainer import long_token_bound
+
+    words = ["a", "bank", "x" * 13, "y" * 14, "z" * 15, "ÿ" * 7, "€" * 5, "w" * 60, "The", "."]
+    ids = np.stack([token_to_char_ids(w) for w in words])
+    assert long_tokens(ids).tolist() == [False] * 4 + [True, False, True, True, False, False]
+    activation = tiny_model.options.char_cnn.activation
+
+    def loss(params, bound):
+        return jnp.sum(jnp.sin(char_cnn(params, jnp.asarray(ids), activation, bound)))
+
+    full = char_cnn(tiny_model.params, ids, activation)
+    for bound in (3, 8):  # exactly the long tokens, and spare slots
+        np.testing.assert_allclose(char_cnn(tiny_model.params, ids, activation, bound), full, atol=1e-6)
+        grads, expected = jax.grad(loss)(tiny_model.params, bound), jax.grad(loss)(tiny_model.params, None)
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # The trainer's bound: 1/16 of a batch's tokens (at least 8), or None when more are long.
+    short_batch = np.tile(ids[0], (8, 16, 1))  # (batch, unroll_steps, max_chars)
+    batch = {"char_ids": short_batch.copy(), "char_ids_reverse": short_batch.copy()}
+    assert long_token_bound(batch) == 16  # 2 streams x 8 x 16 = 256 tokens, none long
+    batch["char_ids"][0] = ids[7]  # 16 long tokens: still within the bound
+    assert long_token_bound(batch) == 16
+    batch["char_ids_reverse"][0, 0] = ids[7]
+    assert long_token_bound(batch) is None

@@ -113,7 +113,8 @@ def _stack(trees: list):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def lm_outputs(params: dict, options: BiLMOptions, batch: dict, state: dict, *, key: jax.Array | None = None):
+def lm_outputs(params: dict, options: BiLMOptions, batch: dict, state: dict, *, key: jax.Array | None = None,
+               long_token_rows: int | None = None):
     """Top LSTM outputs of each LM on its stream.
 
     The directions are stacked on a leading axis and ``lstm_stack`` is vmapped over it, so both LMs run
@@ -122,12 +123,13 @@ def lm_outputs(params: dict, options: BiLMOptions, batch: dict, state: dict, *, 
     Args:
       batch: "char_ids" (batch, time, max_chars) and, if bidirectional, "char_ids_reverse".
       state: carried state (see initial_lm_state); key: dropout key, None for none (evaluation).
+      long_token_rows: at most this many of the batch's tokens (both streams) are long: see char_cnn.char_cnn.
     Returns:
       {"forward": (batch, time, P), "backward": ...} and the new carried state.
     """
     directions = list(state)
     char_ids = jnp.stack([batch["char_ids" if d == "forward" else "char_ids_reverse"] for d in directions])
-    x = token_embedding(params, options, char_ids)  # (directions, batch, time, P)
+    x = token_embedding(params, options, char_ids, long_token_rows)  # (directions, batch, time, P)
     layers = _stack([params["lstm"][d] for d in directions])
     states = _stack([state[d] for d in directions])
     if key is None:
@@ -238,17 +240,18 @@ def _targets(batch: dict, direction: str) -> jax.Array:
 
 
 def train_loss(params: dict, options: BiLMOptions, batch: dict, state: dict, *, key: jax.Array,
-               vocab_char_ids: jax.Array | None = None):
+               vocab_char_ids: jax.Array | None = None, long_token_rows: int | None = None):
     """Mean of the directions' sampled-softmax losses on one window, with dropout.
 
     Args:
       batch: see data.LMDataset.batches (arrays of (batch, unroll_steps[, max_chars])).
       state: carried LSTM state; key: dropout and sampler key (one step's key).
+      long_token_rows: see lm_outputs.
     Returns:
       (loss scalar, ({direction: loss}, new state)).
     """
     dropout_key, sample_key = jax.random.split(key)
-    outputs, new_state = lm_outputs(params, options, batch, state, key=dropout_key)
+    outputs, new_state = lm_outputs(params, options, batch, state, key=dropout_key, long_token_rows=long_token_rows)
     n_vocab, n_sampled = _n_vocab(options), options.training.n_negative_samples_batch
     softmax_b = params["softmax"]["b"]
     directions = list(outputs)

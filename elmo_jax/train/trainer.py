@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from ..char_cnn import long_tokens
 from ..options import BiLMOptions
 from ..sharding import by_batch as batch_sharding
 from ..sharding import data_mesh
@@ -121,19 +122,22 @@ def _make_optimizer(learning_rate: float, initial_accumulator_value: float, clip
 
 
 def train_step(state: TrainState, batch: dict, vocab_char_ids: jax.Array | None, *, options: BiLMOptions,
-               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+               optimizer: optax.GradientTransformation, long_token_rows: int | None = None
+               ) -> tuple[TrainState, dict]:
     """One window: sampled-softmax loss, gradients, clip, Adagrad; carries the LSTM state.
 
     Args:
       batch: arrays of (batch, unroll_steps[, max_chars]) (see data.LMDataset.batches).
       vocab_char_ids: (n_tokens_vocab, max_chars) when the softmax is tied to the token embeddings, else None.
+      long_token_rows: None, or a bound on the batch's long tokens (see ``long_token_bound``).
     Returns:
       the new state and metrics {"loss", "forward_loss", ["backward_loss"], "grad_norm"} (scalars).
     """
     key = jax.random.fold_in(state.key, state.step)
 
     def objective(params):
-        loss, aux = train_loss(params, options, batch, state.lstm_state, key=key, vocab_char_ids=vocab_char_ids)
+        loss, aux = train_loss(params, options, batch, state.lstm_state, key=key, vocab_char_ids=vocab_char_ids,
+                               long_token_rows=long_token_rows)
         # bilm-tf differentiates loss * unroll_steps (a per-sequence rather than per-token scale).
         return loss * options.training.unroll_steps, (loss, aux)
 
@@ -147,8 +151,9 @@ def train_step(state: TrainState, batch: dict, vocab_char_ids: jax.Array | None,
 
 @functools.lru_cache(maxsize=16)
 def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh):
-    """init(key, bilm_params | None) -> TrainState placed on the mesh, and the jitted train step, for one
-    (options, optimiser, mesh).
+    """init(key, bilm_params | None) -> TrainState placed on the mesh, and
+    step(state, batch, vocab_char_ids, long_token_rows=None), the jitted train step (one compiled program per
+    long_token_rows), for one (options, optimiser, mesh).
 
     Cached so that several Trainers of one process (resume, evaluation, tests) share one compilation.
     """
@@ -163,9 +168,33 @@ def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh):
             return jax.device_put(unplaced(key, bilm_params), shardings)
         return placed(key, bilm_params)  # multi-host: every process computes the same replicated values
 
-    step = functools.partial(train_step, options=options, optimizer=optimizer)
-    return init, jax.jit(step, in_shardings=(shardings, by_batch, replicated), out_shardings=(shardings, replicated),
-                         donate_argnums=0)
+    programs = {}  # long_token_rows -> the jitted step for it
+
+    def step(state, batch, vocab_char_ids, long_token_rows=None):
+        if long_token_rows not in programs:
+            one = functools.partial(train_step, options=options, optimizer=optimizer, long_token_rows=long_token_rows)
+            programs[long_token_rows] = jax.jit(one, in_shardings=(shardings, by_batch, replicated),
+                                                out_shardings=(shardings, replicated), donate_argnums=0)
+        return programs[long_token_rows](state, batch, vocab_char_ids)
+
+    # {long_token_rows: times its program was compiled}: once each while the state keeps its types
+    step.compilations = lambda: {rows: program._cache_size() for rows, program in programs.items()}
+    return init, step
+
+
+def long_token_bound(batch: dict[str, np.ndarray]) -> int | None:
+    """The bound on long tokens that the train step of this host batch (numpy) may use, or None for none.
+
+    1/16 of the batch's tokens (both streams, at least 8) when the batch has no more long tokens than
+    that (almost always in running text), so the char CNN convolves the short ones over their first
+    positions only (``char_cnn.char_cnn``); None otherwise, and always with several processes, whose
+    hosts see different rows but must run the same program.
+    """
+    if jax.process_count() > 1:
+        return None
+    streams = [batch[name] for name in ("char_ids", "char_ids_reverse") if name in batch]
+    bound = max(8, sum(ids.size // ids.shape[-1] for ids in streams) // 16)
+    return bound if sum(int(long_tokens(ids).sum()) for ids in streams) <= bound else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -267,7 +296,8 @@ class Trainer:
 
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """One train step on this process's rows of a batch (numpy); updates self.state, returns the metrics."""
-        self.state, metrics = self._step(self.state, self.put_batch(batch), self.vocab_char_ids)
+        self.state, metrics = self._step(self.state, self.put_batch(batch), self.vocab_char_ids,
+                                         long_token_rows=long_token_bound(batch))
         return metrics
 
     def train(self, steps: int | None = None) -> list[dict[str, float]]:
