@@ -67,7 +67,7 @@ def char_cnn(params: dict, char_ids: jax.Array, activation: str, long_token_rows
     if long_token_rows is None or prefix == max_chars or long_token_rows >= tokens:
         return _convolve_and_pool(params, char_ids, activation)
     pooled = _convolve_and_pool(params, char_ids[:, :prefix], activation)
-    # The long tokens' rows; unused slots hold index `tokens`: a copy of row 0, computed and then dropped.
+    # The long tokens' rows; unused slots hold index `tokens`, which reads the last row and writes nothing.
     rows = jnp.nonzero(long_tokens(char_ids), size=long_token_rows, fill_value=tokens)[0]
-    padded = jnp.concatenate([char_ids, char_ids[:1]])
-    return pooled.at[rows].set(_convolve_and_pool(params, padded[rows], activation), mode="drop")
+    long_char_ids = jnp.take(char_ids, rows, axis=0, mode="clip")
+    return pooled.at[rows].set(_convolve_and_pool(params, long_char_ids, activation), mode="drop")

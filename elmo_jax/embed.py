@@ -30,7 +30,7 @@ import numpy as np
 
 from . import char_cnn
 from .bilm import BiLM, bilstm, initial_state, stacked_lstm_params, token_embedding
-from .char_cnn import SHORT_TOKEN_POSITIONS
+from .char_cnn import long_tokens
 from .characters import BOS_TOKEN, EOS_TOKEN, PAD_CHAR, TokenError, token_to_char_ids
 from .options import BiLMOptions
 from .sharding import by_batch, data_mesh, replicated, round_up
@@ -256,7 +256,7 @@ class Embedder:
                 if token not in seen and token not in self.cache_words:
                     seen.add(token)
                     ids = self._token_ids(token)
-                    is_short = self.short_chars == len(ids) or ids[SHORT_TOKEN_POSITIONS] == PAD_ID
+                    is_short = self.short_chars == len(ids) or not long_tokens(ids)
                     (short if is_short else long).append(token)
         n_short = round_up(count_bucket(len(short)), self.n_devices)
         n_long = round_up(count_bucket(len(long), 8), self.n_devices) if long else 0
