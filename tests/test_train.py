@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elmo_jax import BiLM, bilm, token_embedding
+from elmo_jax import BiLM, batch_to_ids, bilm, token_embedding
+from elmo_jax.characters import BOS_TOKEN, EOS_TOKEN, token_to_char_ids
 from elmo_jax.options import BiLMOptions
 from elmo_jax.train import commands
 from elmo_jax.train.data import DataError, load_vocabulary
@@ -19,6 +20,8 @@ from elmo_jax.train.loss import (
     expected_count,
     full_softmax_loss,
     init_softmax,
+    initial_lm_state,
+    lm_outputs,
     log_uniform_probs,
     sample_candidates,
     sampled_softmax_loss,
@@ -229,6 +232,43 @@ def test_export_reloads_with_identical_activations(trained, tmp_path):
     _params_close({k: v for k, v in tuned.state.params.items() if k != "softmax"}, trained_bilm, 0.0)
     assert not np.allclose(tuned.state.params["softmax"]["W"], params["softmax"]["W"])
     assert np.isfinite(tuned.train()[-1]["loss"])
+
+
+def test_exported_model_holds_the_trained_language_models(trained, tmp_path):
+    """The exported biLM's top layer, read as the trainer reads it, predicts what the trained LMs predict.
+
+    Forward half at position t -> token t + 1, backward half at t -> token t - 1, through the run's softmax:
+    the same per-token losses as the trainer's LMs on each sentence's forward and reversed stream (zero
+    state). This ties inference (padding, reversal within each sentence's length, direction order, char
+    ids 261 vs 262) to the LMs the softmax was trained with.
+    """
+    _, run_dir, *_ = trained
+    export(run_dir, tmp_path / "w.hdf5", tmp_path / "options.json")
+    model = BiLM.from_hdf5(tmp_path / "options.json", tmp_path / "w.hdf5")
+    params, config = load_run(run_dir)
+    vocab = load_vocabulary(VOCAB, N_VOCAB)
+    with open(DATA) as f:
+        sentences = [line.split() for line in f][:4]  # lengths 17, 7, ... : padding in the batch
+    assert len({len(s) for s in sentences}) > 1
+    output, _ = model(batch_to_ids(sentences))
+    top = np.asarray(output.activations[-1])  # (batch, time + 2, 2P)
+    projection = top.shape[-1] // 2
+    w, b = params["softmax"]["W"], params["softmax"]["b"]
+    for row, sentence in enumerate(sentences):
+        ids = vocab.encode(sentence)  # (n + 2,) with <S> and </S>
+        chars = np.stack([token_to_char_ids(t) for t in [BOS_TOKEN, *sentence, EOS_TOKEN]])  # (n + 2, 50)
+        stream = {"char_ids": chars[None, :-1], "char_ids_reverse": chars[None, ::-1][:, :-1]}
+        hidden, _ = lm_outputs(params, config.options, stream, initial_lm_state(config.options, 1))
+        n = len(sentence)
+        trainer_forward = full_softmax_loss(hidden["forward"][0], jnp.asarray(ids[1:]), w, b)
+        trainer_backward = full_softmax_loss(hidden["backward"][0], jnp.asarray(ids[::-1][1:]), w, b)
+        exported_forward = full_softmax_loss(jnp.asarray(top[row, : n + 1, :projection]), jnp.asarray(ids[1:]), w, b)
+        backward_half = top[row, 1 : n + 2, projection:][::-1]  # </S> .. w1: each predicts the token before it
+        exported_backward = full_softmax_loss(jnp.asarray(backward_half), jnp.asarray(ids[::-1][1:]), w, b)
+        np.testing.assert_allclose(exported_forward, trainer_forward, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(exported_backward, trainer_backward, atol=1e-5, rtol=0)
+    # and the trained LMs are worth tying to: they predict the training text far better than chance
+    assert float(jnp.mean(trainer_forward)) < 0.5 * np.log(N_VOCAB)
 
 
 # ---------------------------------------------------------------- (e) errors and the CLI
