@@ -92,7 +92,7 @@ def token_embedding(params: dict, options: BiLMOptions, char_ids: jax.Array,
     x = char_cnn(params, char_ids.reshape(-1, max_chars), options.char_cnn.activation,
                  long_token_rows)  # (tokens, n_filters)
     x = highway(params["highway"], x)
-    x = x @ params["projection"]["kernel"] + params["projection"]["bias"]  # (tokens, projection_dim)
+    x = x @ params["projection"]["kernel"] + params["projection"]["bias"][None, :]  # (tokens, projection_dim)
     return x.reshape(*lead, x.shape[-1])
 
 
@@ -171,7 +171,7 @@ def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, st
             ys = (ys[0] + inputs[0], ys[1] + inputs[1])
         new_state["forward"].append(fw_state)
         new_state["backward"].append(bw_state)
-        outputs.append(jnp.concatenate(ys, axis=-1) * mask[..., None])
+        outputs.append(jnp.concatenate(ys, axis=-1) * mask[..., None].astype(ys[0].dtype))
         inputs = ys
     return outputs, new_state
 
@@ -190,7 +190,7 @@ def bilm_from_token_embeddings(params: dict, options: BiLMOptions, token_embeddi
     Returns:
       BiLMOutput with activations (n_layers + 1, batch, time + 2, 2 * projection_dim), and the final state.
     """
-    token_layer = jnp.concatenate([token_embeddings, token_embeddings], axis=-1) * mask[..., None]
+    token_layer = jnp.concatenate([token_embeddings, token_embeddings], axis=-1) * mask[..., None].astype(token_embeddings.dtype)
     lstm_outputs, new_state = bilstm(params["lstm"], options, token_embeddings, mask, state)
     return BiLMOutput(jnp.stack([token_layer, *lstm_outputs]), mask), new_state
 

@@ -33,7 +33,7 @@ def _convolve_and_pool(params: dict, char_ids: jax.Array, activation: str) -> ja
         # (tokens, chars - width + 1, n_filters); XLA's convolution (its gradient is 2x faster than im2col's)
         convolved = jax.lax.conv_general_dilated(embedded, conv["kernel"].astype(embedded.dtype), (1,), "VALID",
                                                  dimension_numbers=("NWC", "WIO", "NWC"))
-        pooled.append(act(jnp.max(convolved, axis=1) + conv["bias"]))
+        pooled.append(act(jnp.max(convolved, axis=1) + conv["bias"][None, :]))
     return jnp.concatenate(pooled, axis=-1)
 
 

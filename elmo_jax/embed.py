@@ -123,7 +123,7 @@ def _reduce_layers(activations: jax.Array, mode: str, weights: jax.Array | None)
 
 def token_layer(forward_x: jax.Array, backward_x: jax.Array, mask: jax.Array) -> jax.Array:
     """Layer 0 of a block: (rows, steps, projection_dim) twice -> (rows, steps, 2 * projection_dim), zero at padding."""
-    return jnp.concatenate([forward_x, backward_x], axis=-1) * mask[..., None]
+    return jnp.concatenate([forward_x, backward_x], axis=-1) * mask[..., None].astype(forward_x.dtype)
 
 
 def embed_block(params: dict, options: BiLMOptions, forward_x: jax.Array, backward_x: jax.Array, mask: jax.Array,

@@ -11,13 +11,13 @@ def highway(layers: list[dict], x: jax.Array) -> jax.Array:
     Args:
       layers: [{"carry": {"kernel": (dim, dim), "bias": (dim,)},
                 "transform": {"kernel": (dim, dim), "bias": (dim,)}}, ...].
-      x: (..., dim).
+      x: (tokens, dim).
     Returns:
-      (..., dim).
+      (tokens, dim).
     """
     for layer in layers:
         carry, transform = layer["carry"], layer["transform"]
-        gate = jax.nn.sigmoid(x @ carry["kernel"] + carry["bias"])
-        transformed = jax.nn.relu(x @ transform["kernel"] + transform["bias"])
+        gate = jax.nn.sigmoid(x @ carry["kernel"] + carry["bias"][None, :])
+        transformed = jax.nn.relu(x @ transform["kernel"] + transform["bias"][None, :])
         x = gate * transformed + (1.0 - gate) * x
     return x

@@ -1,4 +1,5 @@
-"""Shared test set-up: 4 simulated CPU devices (sharding code runs on CPU) and fixture locations.
+"""Shared test set-up: 4 simulated CPU devices (sharding code runs on CPU), strict rank and dtype promotion
+(so the package works for users who turn them on, as equinox does), and fixture locations.
 
 The fixtures of the original TensorFlow bilm-tf live in ``../shared/fixtures`` beside the checkout
 (override with ELMO_JAX_FIXTURES). Tests that need them skip when absent, unless
@@ -12,6 +13,8 @@ import jax
 import pytest
 
 jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_numpy_rank_promotion", "raise")  # no silent broadcasting between ranks
+jax.config.update("jax_numpy_dtype_promotion", "strict")  # no silent float64/bfloat16 mixing
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = pathlib.Path(os.environ.get("ELMO_JAX_FIXTURES", ROOT.parent / "shared" / "fixtures"))

@@ -223,7 +223,7 @@ def sampled_softmax_loss(hidden: jax.Array, labels: jax.Array, true_w: jax.Array
       (n,) per-token losses: cross entropy of the true class among [true, sampled].
     """
     true_logits = jnp.sum(hidden * true_w, axis=-1) + true_b - jnp.log(true_count)  # (n,)
-    sampled_logits = hidden @ sampled_w.T + sampled_b - jnp.log(sampled_count)  # (n, S)
+    sampled_logits = hidden @ sampled_w.T + (sampled_b - jnp.log(sampled_count))[None, :]  # (n, S)
     sampled_logits = jnp.where(labels[:, None] == sampled[None, :], _HIT_LOGIT, sampled_logits)
     logits = jnp.concatenate([true_logits[:, None], sampled_logits], axis=-1)  # (n, 1 + S)
     return jax.nn.logsumexp(logits, axis=-1) - true_logits
@@ -231,7 +231,7 @@ def sampled_softmax_loss(hidden: jax.Array, labels: jax.Array, true_w: jax.Array
 
 def full_softmax_loss(hidden: jax.Array, labels: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     """Cross entropy over the whole vocabulary: hidden (n, P), labels (n,), w (V, P), b (V,) -> (n,)."""
-    logits = hidden @ w.T + b  # (n, V)
+    logits = hidden @ w.T + b[None, :]  # (n, V)
     return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
 
 
