@@ -48,7 +48,9 @@ def register(subparsers) -> None:
                                           "softmax starts fresh)")
     p.add_argument("--devices", type=int, help="use the first N local devices (default: all); batch_size must "
                                                "divide evenly over them")
-    p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize() first")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first, in every process (on a managed cluster "
+                        "it finds its peers; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and dropout (default 0)")
     p.add_argument("--log-every", type=int, default=100, help="log and append metrics every N steps (default 100)")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint every N steps (default 1000)")
@@ -121,6 +123,9 @@ def train_command(args: argparse.Namespace) -> int:
             if value is not None and value < 1:
                 _fail("train", f"--{name.replace('_', '-')} must be >= 1, found {value}")
         devices = None
+        if args.devices is not None and jax.process_count() > 1:
+            _fail("train", "--devices picks local devices of a one-process run; a multi-host run uses every "
+                           "device of every process")
         if args.devices is not None:
             if args.devices > jax.local_device_count():
                 _fail("train", f"--devices {args.devices}: only {jax.local_device_count()} local devices")

@@ -9,7 +9,8 @@ all-reduce. The same code runs on one CPU, simulated CPU devices, one GPU or sev
 
 Multi-host: call ``initialize_distributed()`` (``--distributed``) first in every process; it runs
 ``jax.distributed.initialize()``, which reads the coordinator address, process count and index from
-the cluster environment (SLURM, TPU, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+the cluster environment (SLURM, Open MPI, Kubernetes, Cloud TPU), or from JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 Every host reads the same deterministic stream and feeds only its own rows of each global batch, so
 the global batch is identical to a single-host run's. The run directory must be on shared storage.
 """
@@ -212,9 +213,30 @@ def _init_fn(options: BiLMOptions, optimizer_settings: tuple):
     return init
 
 
+DISTRIBUTED_ENVIRONMENT = {"JAX_NUM_PROCESSES": "num_processes", "JAX_PROCESS_ID": "process_id"}
+
+
 def initialize_distributed() -> None:
-    """Multi-host setup: ``jax.distributed.initialize()`` (see the module docstring); call before any JAX work."""
-    jax.distributed.initialize()
+    """Multi-host setup: ``jax.distributed.initialize()`` (see the module docstring); call before any JAX work.
+
+    JAX reads JAX_COORDINATOR_ADDRESS itself but not the process count and index, which it only detects
+    on managed clusters (SLURM, Open MPI, Kubernetes, Cloud TPU): they are passed from JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID when set.
+    """
+    settings = {}
+    for variable, argument in DISTRIBUTED_ENVIRONMENT.items():
+        value = os.environ.get(variable)
+        if value is not None:
+            try:
+                settings[argument] = int(value)
+            except ValueError:
+                raise TrainError(f"{variable}={value!r}: expected an integer") from None
+    try:
+        jax.distributed.initialize(**settings)
+    except ValueError as error:
+        raise TrainError(f"cannot start multi-host training ({error}); outside a managed cluster set "
+                         f"JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and "
+                         f"JAX_PROCESS_ID in every process") from None
 
 
 def _prepare_run_dir(run_dir: str) -> str:
