@@ -53,10 +53,10 @@ def forward_flops_per_token(options) -> float:
     return directions * (conv + highway + projection + lstm_flops + softmax)
 
 
-def matmul_peak(n: int, repeats: int = 5) -> float:
-    """Measured fp32 FLOP/s of an (n, n) @ (n, n) matmul on the default device."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_peak(n: int, repeats: int = 5, dtype=jnp.float32) -> float:
+    """Measured FLOP/s of an (n, n) @ (n, n) matmul in ``dtype`` on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     mm = jax.jit(lambda x, y: x @ y)
     mm(a, b).block_until_ready()
     best = float("inf")
@@ -97,13 +97,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--devices", type=int, help="use the first N devices (default all)")
     parser.add_argument("--peak-n", type=int, help="matmul size for the peak (default 8192 on GPU, 2048 on CPU)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute dtype of the step (params stay float32); the peak is measured in it too")
     args = parser.parse_args(argv)
 
     options = BiLMOptions.from_dict(options_dict(args.config, args.batch, args.unroll, args.vocab_size,
                                                  args.n_negative))
     devices = jax.devices()[: args.devices] if args.devices else jax.devices()
     mesh = Mesh(np.asarray(devices), ("data",))
-    init, step = _compiled(options, (0.2, 1.0, 10.0), mesh)
+    init, step = _compiled(options, (0.2, 1.0, 10.0), mesh, args.dtype)
     state = init(jax.random.PRNGKey(0), None)
     rng = np.random.default_rng(0)
     batches = [random_batch(rng, args.batch, args.unroll, args.vocab_size) for _ in range(2)]
@@ -124,9 +126,10 @@ def main(argv=None) -> dict:
     tokens_per_s = args.steps * args.batch * args.unroll / elapsed
     model_flops = 3 * forward_flops_per_token(options) * tokens_per_s
     peak_n = args.peak_n or (8192 if devices[0].platform == "gpu" else 2048)
-    peak = matmul_peak(peak_n) * len(devices)
+    peak = matmul_peak(peak_n, dtype=jnp.dtype(args.dtype)) * len(devices)
     result = {
-        "config": args.config, "device": str(devices[0].device_kind), "n_devices": len(devices), "batch": args.batch,
+        "config": args.config, "dtype": args.dtype, "device": str(devices[0].device_kind), "n_devices": len(devices),
+        "batch": args.batch,
         "unroll": args.unroll, "vocab_size": args.vocab_size, "n_negative": args.n_negative, "steps": args.steps,
         "first_step_s": round(compile_s, 2), "step_ms": round(1000 * elapsed / args.steps, 2),
         "tokens_per_s": round(tokens_per_s, 1), "model_tflops_per_s": round(model_flops / 1e12, 5),

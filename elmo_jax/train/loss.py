@@ -222,8 +222,10 @@ def sampled_softmax_loss(hidden: jax.Array, labels: jax.Array, true_w: jax.Array
     Returns:
       (n,) per-token losses: cross entropy of the true class among [true, sampled].
     """
-    true_logits = jnp.sum(hidden * true_w, axis=-1) + true_b - jnp.log(true_count)  # (n,)
-    sampled_logits = hidden @ sampled_w.T + (sampled_b - jnp.log(sampled_count))[None, :]  # (n, S)
+    f32 = jnp.float32  # logits and their log-sum-exp in float32 whatever the compute dtype (no-op in float32)
+    true_logits = jnp.sum(hidden * true_w, axis=-1).astype(f32) + true_b.astype(f32) - jnp.log(true_count)  # (n,)
+    sampled_logits = (hidden @ sampled_w.T).astype(f32)  # (n, S)
+    sampled_logits = sampled_logits + (sampled_b.astype(f32) - jnp.log(sampled_count))[None, :]
     sampled_logits = jnp.where(labels[:, None] == sampled[None, :], _HIT_LOGIT, sampled_logits)
     logits = jnp.concatenate([true_logits[:, None], sampled_logits], axis=-1)  # (n, 1 + S)
     return jax.nn.logsumexp(logits, axis=-1) - true_logits

@@ -45,13 +45,17 @@ class TrainError(RuntimeError):
     """A training run cannot start or continue (run dir, resume, non-finite loss, batch size)."""
 
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs besides its run directory; saved with every checkpoint.
 
     ``n_steps=None`` trains bilm-tf's length: n_epochs * n_train_tokens / (batch_size * unroll_steps).
     ``clip_norm=None`` uses options.training.all_clip_norm_val. ``init_weights``: an HDF5 biLM to
-    fine-tune from (the softmax starts fresh).
+    fine-tune from (the softmax starts fresh). ``compute_dtype``: "float32", or "bfloat16" for the
+    forward and backward pass (params, optimiser state, carried LSTM state and the loss stay float32).
     """
 
     options: BiLMOptions
@@ -66,6 +70,11 @@ class TrainConfig:
     checkpoint_every: int = 1000
     max_to_keep: int = 3
     init_weights: str | None = None
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise TrainError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, found {self.compute_dtype!r}")
 
     def total_steps(self) -> int:
         """Steps of the whole run: ``n_steps``, else n_epochs * n_train_tokens // (batch_size * unroll_steps), at
@@ -122,25 +131,32 @@ def _make_optimizer(learning_rate: float, initial_accumulator_value: float, clip
                        optax.adagrad(learning_rate, initial_accumulator_value=initial_accumulator_value, eps=0.0))
 
 
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype), tree)
+
+
 def train_step(state: TrainState, batch: dict, vocab_char_ids: jax.Array | None, *, options: BiLMOptions,
-               optimizer: optax.GradientTransformation, long_token_rows: int | None = None
-               ) -> tuple[TrainState, dict]:
+               optimizer: optax.GradientTransformation, long_token_rows: int | None = None,
+               compute_dtype=jnp.float32) -> tuple[TrainState, dict]:
     """One window: sampled-softmax loss, gradients, clip, Adagrad; carries the LSTM state.
 
     Args:
       batch: arrays of (batch, unroll_steps[, max_chars]) (see data.LMDataset.batches).
       vocab_char_ids: (n_tokens_vocab, max_chars) when the softmax is tied to the token embeddings, else None.
       long_token_rows: None, or a bound on the batch's long tokens (see ``long_token_bound``).
+      compute_dtype: the LMs and the softmax logits run in it (a float32 copy of the params is what is
+        updated, so small updates are not rounded away); the loss is reduced in float32.
     Returns:
       the new state and metrics {"loss", "forward_loss", ["backward_loss"], "grad_norm"} (scalars).
     """
     key = jax.random.fold_in(state.key, state.step)
 
     def objective(params):
-        loss, aux = train_loss(params, options, batch, state.lstm_state, key=key, vocab_char_ids=vocab_char_ids,
-                               long_token_rows=long_token_rows)
+        loss, (losses, lstm_state) = train_loss(_cast(params, compute_dtype), options, batch,
+                                                _cast(state.lstm_state, compute_dtype), key=key,
+                                                vocab_char_ids=vocab_char_ids, long_token_rows=long_token_rows)
         # bilm-tf differentiates loss * unroll_steps (a per-sequence rather than per-token scale).
-        return loss * options.training.unroll_steps, (loss, aux)
+        return loss * options.training.unroll_steps, (loss, (losses, _cast(lstm_state, jnp.float32)))
 
     grads, (loss, (losses, lstm_state)) = jax.grad(objective, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -151,10 +167,10 @@ def train_step(state: TrainState, batch: dict, vocab_char_ids: jax.Array | None,
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh):
+def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh, compute_dtype: str = "float32"):
     """init(key, bilm_params | None) -> TrainState placed on the mesh, and
     step(state, batch, vocab_char_ids, long_token_rows=None), the jitted train step (one compiled program per
-    long_token_rows), for one (options, optimiser, mesh).
+    long_token_rows), for one (options, optimiser, mesh, compute dtype).
 
     Cached so that several Trainers of one process (resume, evaluation, tests) share one compilation.
     """
@@ -173,7 +189,8 @@ def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh):
 
     def step(state, batch, vocab_char_ids, long_token_rows=None):
         if long_token_rows not in programs:
-            one = functools.partial(train_step, options=options, optimizer=optimizer, long_token_rows=long_token_rows)
+            one = functools.partial(train_step, options=options, optimizer=optimizer, long_token_rows=long_token_rows,
+                                    compute_dtype=COMPUTE_DTYPES[compute_dtype])
             programs[long_token_rows] = jax.jit(one, in_shardings=(shardings, by_batch, replicated),
                                                 out_shardings=(shardings, replicated), donate_argnums=0)
         return programs[long_token_rows](state, batch, vocab_char_ids)
@@ -292,7 +309,7 @@ class Trainer:
             from ..weights import load_hdf5
 
             bilm_params = load_hdf5(config.init_weights, options)
-        init, self._step = _compiled(options, _optimizer_settings(config), self.mesh)
+        init, self._step = _compiled(options, _optimizer_settings(config), self.mesh, config.compute_dtype)
         self.optimizer = make_optimizer(config)
         self.state = init(jax.random.PRNGKey(config.seed), bilm_params)
         # ---- checkpoints
