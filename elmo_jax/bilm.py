@@ -190,7 +190,8 @@ def bilm_from_token_embeddings(params: dict, options: BiLMOptions, token_embeddi
     Returns:
       BiLMOutput with activations (n_layers + 1, batch, time + 2, 2 * projection_dim), and the final state.
     """
-    token_layer = jnp.concatenate([token_embeddings, token_embeddings], axis=-1) * mask[..., None].astype(token_embeddings.dtype)
+    real = mask[..., None].astype(token_embeddings.dtype)  # (batch, time + 2, 1): 1 at tokens, 0 at padding
+    token_layer = jnp.concatenate([token_embeddings, token_embeddings], axis=-1) * real
     lstm_outputs, new_state = bilstm(params["lstm"], options, token_embeddings, mask, state)
     return BiLMOutput(jnp.stack([token_layer, *lstm_outputs]), mask), new_state
 

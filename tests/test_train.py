@@ -32,7 +32,6 @@ from elmo_jax.train.loss import (
     softmax_rows,
 )
 from elmo_jax.train.trainer import TrainConfig, Trainer, TrainError, initialize_distributed
-
 from tests.conftest import FIXTURES as SHARED_FIXTURES  # noqa: E402  (../shared/fixtures or ELMO_JAX_FIXTURES)
 
 FIXTURES = str(SHARED_FIXTURES / "train_tiny")
