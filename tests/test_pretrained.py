@@ -132,9 +132,9 @@ def bank_vectors(shipped):
 
 
 # Known failure of the shipped model, kept strict so that a model that passes makes this marker fail and be
-# removed. The small model trained for 3.5 hours on a 2-core CPU represents 'bank' mostly by the word and its
+# removed. The small model trained for 5.5 hours on a 2-core CPU represents 'bank' mostly by the word and its
 # nearest neighbours: "... the bank ." and "... river bank ." share the right context exactly (identical
-# backward halves) and nearly the left one, so cos(money 1, river) is 0.90-0.93 against 0.63-0.72 for the
+# backward halves) and nearly the left one, so cos(money 1, river) is 0.88-0.92 against 0.63-0.71 for the
 # two money senses, and the forward halves alone rank them the same way (MODEL_CARD.md, Results). Issue #7
 # stays open on this.
 @pytest.mark.xfail(strict=True, reason="the shipped small model does not separate the senses of 'bank' yet")
