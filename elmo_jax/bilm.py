@@ -21,6 +21,7 @@ from .lstm import bidirectional_layer, stack_directions, zero_state
 from .options import BiLMOptions
 
 BiLMState = dict  # {"forward": [LSTMState per layer], "backward": [LSTMState per layer]}
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # params stay float32; compute may not
 
 
 class BiLMOutput(NamedTuple):

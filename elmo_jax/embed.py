@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import char_cnn
-from .bilm import BiLM, bilstm, initial_state, stacked_lstm_params, token_embedding
+from .bilm import COMPUTE_DTYPES, BiLM, bilstm, initial_state, stacked_lstm_params, token_embedding
 from .char_cnn import long_tokens
 from .characters import BOS_TOKEN, EOS_TOKEN, PAD_CHAR, TokenError, token_to_char_ids
 from .options import BiLMOptions
@@ -38,7 +38,6 @@ from .weights import write_atomic
 
 OUTPUT_MODES = ("all", "top", "average", "token")
 PAD_ID = PAD_CHAR + 1  # char ids are +1 shifted
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BLOCK_STEPS = 8
 CHAR_ID_CACHE_SIZE = 200_000  # words whose char ids are kept (~60 MB)
 
@@ -192,12 +191,12 @@ class Embedder:
             model = BiLM.pretrained() if options_file is None else BiLM.from_hdf5(options_file, weight_file)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, found {batch_size}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, found {dtype!r}")
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, found {dtype!r}")
         if block_steps < 1 or window_batches < 1:
             raise ValueError(f"block_steps and window_batches must be >= 1, found {block_steps}, {window_batches}")
         self.model, self.options = model, model.options
-        self.batch_size, self.dtype, self.block_steps = batch_size, DTYPES[dtype], block_steps
+        self.batch_size, self.dtype, self.block_steps = batch_size, COMPUTE_DTYPES[dtype], block_steps
         self.window_batches = window_batches
         self.mesh = data_mesh(devices)
         self.n_devices = self.mesh.devices.size

@@ -126,10 +126,10 @@ def train_command(args: argparse.Namespace) -> int:
             if value is not None and value < 1:
                 _fail("train", f"--{name.replace('_', '-')} must be >= 1, found {value}")
         devices = None
-        if args.devices is not None and jax.process_count() > 1:
-            _fail("train", "--devices picks local devices of a one-process run; a multi-host run uses every "
-                           "device of every process")
         if args.devices is not None:
+            if jax.process_count() > 1:
+                _fail("train", "--devices picks local devices of a one-process run; a multi-host run uses every "
+                               "device of every process")
             if args.devices > jax.local_device_count():
                 _fail("train", f"--devices {args.devices}: only {jax.local_device_count()} local devices")
             devices = jax.local_devices()[: args.devices]

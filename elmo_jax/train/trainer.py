@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from ..bilm import COMPUTE_DTYPES
 from ..char_cnn import long_tokens
 from ..options import BiLMOptions
 from ..sharding import by_batch as batch_sharding
@@ -43,9 +44,6 @@ from .loss import init_train_params, initial_lm_state, train_loss
 
 class TrainError(RuntimeError):
     """A training run cannot start or continue (run dir, resume, non-finite loss, batch size)."""
-
-
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
