@@ -1,6 +1,7 @@
 """elmo_jax.train: the loss, training reduces perplexity, exact resume, multi-device equality, export, errors."""
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -174,6 +175,34 @@ def test_resume_continues_exactly(tmp_path):
     _params_close(straight.state.params, resumed.state.params, 1e-6)
     _params_close(straight.state.lstm_state, resumed.state.lstm_state, 1e-6)
     _params_close(straight.state.opt_state, resumed.state.opt_state, 1e-6)
+
+
+def test_resume_on_new_data_keeps_the_model_and_reads_the_new_data_from_its_start(tmp_path):
+    quiet, one = io.StringIO(), jax.devices()[:1]
+    other = tmp_path / "other.txt"
+    with open(DATA, encoding="utf-8") as f:
+        other.write_text("".join(reversed(f.readlines())), encoding="utf-8")
+    config = _config(n_steps=20, log_every=100, checkpoint_every=100)
+    first = Trainer(config, tmp_path / "run", devices=one, log_stream=quiet)
+    first.train(4)  # checkpoints at its end
+    new_config = dataclasses.replace(config, train_prefix=str(other))
+    switched = Trainer(new_config, tmp_path / "run", resume=True, new_data=True, devices=one, log_stream=quiet)
+    assert int(switched.state.step) == 4 and int(switched.state.data_position) == 0
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(switched.state.lstm_state))
+    _params_close(first.state.params, switched.state.params, 0)
+    _params_close(first.state.opt_state, switched.state.opt_state, 0)
+    # The reference: the trained state stepped by hand through the first batches of the new data, from zero state.
+    reference = Trainer(new_config, tmp_path / "reference", devices=one, log_stream=quiet)
+    reference.state = jax.tree.map(jnp.copy, switched.state)  # the step donates its input state
+    batches = reference.dataset.batches()
+    for _ in range(3):
+        reference.step(next(batches))
+    switched.train(3)
+    _params_close(reference.state.params, switched.state.params, 1e-6)
+    assert int(switched.state.data_position) == 3
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train_prefix"] == str(other)
+    with pytest.raises(TrainError, match="resume"):
+        Trainer(new_config, tmp_path / "fresh", new_data=True, devices=one, log_stream=quiet)
 
 
 def test_non_finite_loss_raises(tmp_path):
@@ -410,6 +439,11 @@ def test_cli_train_resume_perplexity_export(tmp_path, capsys):
                 "--steps", 3, "--log-every", 1, "--devices", 1) == 0
     assert _cli("train", "--out", run, "--resume", "--steps", 2, "--log-every", 1, "--devices", 1) == 0
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    other = tmp_path / "other.txt"
+    other.write_text("the the cat .\n" * 20, encoding="utf-8")
+    assert _cli("train", "--out", run, "--resume", "--train-prefix", other, "--steps", 1, "--devices", 1) == 0
+    assert "on new data" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["train_prefix"] == str(other)
     capsys.readouterr()
     assert _cli("perplexity", "--run-dir", run, "--test-prefix", DATA, "--vocab", VOCAB, "--batch-size", 4,
                 "--unroll-steps", 5) == 0

@@ -30,10 +30,13 @@ def register(subparsers) -> None:
         "and optimiser (bilm-tf's train_elmo.py; --resume for restart.py). A new run needs --train-prefix, "
         "--vocab and --options; the options' batch_size is the global batch, split over --devices. --out gets "
         "checkpoints/, config.json and metrics.jsonl. With --resume, the run's saved config.json is used and "
-        "--train-prefix, --vocab, --options, --init-weights, --seed, --log-every, --checkpoint-every and "
-        "--learning-rate are ignored.")
+        "--vocab, --options, --init-weights, --seed, --log-every, --checkpoint-every and --learning-rate are "
+        "ignored; --resume with --train-prefix continues the run on other data (bilm-tf's restart.py with a new "
+        "--train_prefix).")
     p.add_argument("--train-prefix", help="glob of training shards, e.g. 'data/*.txt' (quote it); required unless "
-                                          "--resume")
+                                          "--resume. With --resume: continue the run (params, optimiser, step) on "
+                                          "these shards instead, read from their start with a fresh LSTM state; "
+                                          "the run's config.json then names them")
     p.add_argument("--vocab", help="vocabulary file, one token per line, frequency-sorted, <S> </S> <UNK> first, "
                                    "n_tokens_vocab lines; required unless --resume")
     p.add_argument("--options", help="options.json (bilm-tf layout, with bilm-tf's training fields such as "
@@ -110,8 +113,13 @@ def train_command(args: argparse.Namespace) -> int:
 
         from .trainer import TrainConfig, Trainer, load_config
 
+        new_data = False
         if args.resume:
             config = load_config(args.out)
+            if args.train_prefix and args.train_prefix != config.train_prefix:
+                print(f"elmo-jax train: continuing {args.out} on new data {args.train_prefix} (was "
+                      f"{config.train_prefix}), from its start", file=sys.stderr)
+                config, new_data = dataclasses.replace(config, train_prefix=args.train_prefix), True
         else:
             missing = [flag for flag, value in (("--train-prefix", args.train_prefix), ("--vocab", args.vocab),
                                                 ("--options", args.options)) if not value]
@@ -133,7 +141,7 @@ def train_command(args: argparse.Namespace) -> int:
             if args.devices > jax.local_device_count():
                 _fail("train", f"--devices {args.devices}: only {jax.local_device_count()} local devices")
             devices = jax.local_devices()[: args.devices]
-        trainer = Trainer(config, args.out, resume=args.resume, devices=devices)
+        trainer = Trainer(config, args.out, resume=args.resume, new_data=new_data, devices=devices)
         trainer.train(args.steps if args.resume else None)
     except _ERRORS as error:
         _fail("train", str(error))

@@ -271,12 +271,16 @@ class Trainer:
     """A training run in ``run_dir``: ``Trainer(config, run_dir).train()``; ``resume=True`` continues the latest
     checkpoint exactly (params, optimiser, LSTM carry, data position, key, step).
 
+    new_data: with resume, the config's train_prefix is new data (bilm-tf's restart.py with another
+    --train_prefix): params, optimiser, step and key continue, the new shards are read from their start and the
+    carried LSTM state starts at zero, as the rows now hold other sentences.
+
     devices: the devices of the data mesh (default all); the global batch_size must divide evenly over them.
     log_stream: where the one-line log of each log step goes (default stdout); metrics.jsonl gets them too.
     """
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-                 devices: list | None = None, log_stream=sys.stdout):
+                 new_data: bool = False, devices: list | None = None, log_stream=sys.stdout):
         import orbax.checkpoint as ocp
 
         options, t = config.options, config.options.training
@@ -320,6 +324,11 @@ class Trainer:
                 raise TrainError(f"{self.run_dir}: nothing to resume, no checkpoint in {self.run_dir}/checkpoints")
             self.state = self.manager.restore(latest, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(self.state)))["state"]
+            if new_data:  # x * 0 keeps each leaf's dtype and sharding
+                self.state = self.state._replace(data_position=self.state.data_position * 0,
+                                                 lstm_state=jax.tree.map(lambda x: x * 0, self.state.lstm_state))
+        elif new_data:
+            raise TrainError("new_data switches the data of a resumed run; pass resume=True")
         elif latest is not None:
             raise TrainError(f"{self.run_dir}: holds checkpoints up to step {latest}; pass --resume to continue "
                              f"it or choose a new run directory")
