@@ -43,13 +43,13 @@ BLOCK_ELEMENTS = ("para", "simpara", "title", "listitem", "entry", "term", "glos
                   "chapter", "appendix", "itemizedlist", "orderedlist", "variablelist", "table", "tgroup",
                   "informaltable", "glossentry", "example", "procedure", "blockquote")
 
-_ENTITY_DECL = re.compile(r'<!ENTITY\s+([\w.-]+)\s+"([^"]*)"\s*>', re.S)
+_ENTITY_DECL = re.compile(r'<!ENTITY\s+([\w.-]+)\s+"([^"]*)"\s*>', re.DOTALL)
 _ENTITY_REF = re.compile(r"&([\w.-]+);")
-_COMMENT = re.compile(r"<!--.*?-->", re.S)
-_DOCTYPE = re.compile(r"<!DOCTYPE[^\[>]*(\[.*?\])?\s*>", re.S)
-_CDATA = re.compile(r"<!\[CDATA\[.*?\]\]>", re.S)
-_DROP = re.compile(r"<(%s)\b[^>]*?(?<!/)>.*?</\1\s*>" % "|".join(DROP_ELEMENTS), re.S)
-_BLOCK_TAG = re.compile(r"</?(?:%s)\b[^>]*>" % "|".join(BLOCK_ELEMENTS))
+_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+_DOCTYPE = re.compile(r"<!DOCTYPE[^\[>]*(\[.*?\])?\s*>", re.DOTALL)
+_CDATA = re.compile(r"<!\[CDATA\[.*?\]\]>", re.DOTALL)
+_DROP = re.compile(r"<(" + "|".join(DROP_ELEMENTS) + r")\b[^>]*?(?<!/)>.*?</\1\s*>", re.DOTALL)
+_BLOCK_TAG = re.compile(r"</?(?:" + "|".join(BLOCK_ELEMENTS) + r")\b[^>]*>")
 _TAG = re.compile(r"<[^>]+>")
 _XML_ENTITIES = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'", "nbsp": " ", "mdash": " -- ",
                  "ndash": "-", "hellip": "...", "copy": "(c)", "reg": "", "trade": "", "eacute": "\u00e9"}
@@ -63,8 +63,13 @@ def entity_table(manual_dir: str) -> dict[str, str]:
             for name, value in _ENTITY_DECL.findall(_COMMENT.sub(" ", f.read())):
                 table[name] = value
     for _ in range(5):  # entities refer to entities ("&app;" -> "<application>&appname;</application>")
-        table = {name: _ENTITY_REF.sub(lambda m: table.get(m.group(1), " "), value) for name, value in table.items()}
+        table = {name: expand_entities(value, table) for name, value in table.items()}
     return table
+
+
+def expand_entities(text: str, table: dict[str, str]) -> str:
+    """Replace each &name; by its text; unknown entities become a space."""
+    return _ENTITY_REF.sub(lambda m: table.get(m.group(1), " "), text)
 
 
 def docbook_paragraphs(path: str, entities: dict[str, str]) -> list[str]:
@@ -73,7 +78,7 @@ def docbook_paragraphs(path: str, entities: dict[str, str]) -> list[str]:
         text = f.read()
     for pattern in (_COMMENT, _DOCTYPE, _CDATA):
         text = pattern.sub(" ", text)
-    text = _ENTITY_REF.sub(lambda m: entities.get(m.group(1), " "), text)
+    text = expand_entities(text, entities)
     text = _DROP.sub(" ", text)
     text = _BLOCK_TAG.sub("\n\n", text)
     text = _TAG.sub(" ", text)
@@ -86,7 +91,7 @@ def fetch_package(pkg_dir: str) -> str:
     os.makedirs(debs, exist_ok=True)
     if not glob.glob(os.path.join(debs, f"{PACKAGE}_*.deb")):
         subprocess.run(["apt-get", "download", PACKAGE], cwd=debs, check=True, stdout=subprocess.DEVNULL)
-    deb = sorted(glob.glob(os.path.join(debs, f"{PACKAGE}_*.deb")))[-1]
+    deb = max(glob.glob(os.path.join(debs, f"{PACKAGE}_*.deb")))
     subprocess.run(["dpkg-deb", "-x", deb, root], check=True)
     return root
 
@@ -181,7 +186,7 @@ def main() -> int:
         f.write("\n")
     with open(os.path.join(args.out_dir, "SOURCES.txt"), "w", encoding="utf-8") as f:
         f.write(f"Second-stage text of the built-in model, mixed into the base corpus ({args.copies} copies):\n"
-                f"  Debian {os.path.basename(sorted(glob.glob(os.path.join(args.out_dir, 'pkgs/debs/*.deb')))[-1])}"
+                f"  Debian {os.path.basename(max(glob.glob(os.path.join(args.out_dir, 'pkgs/debs/*.deb'))))}"
                 f": GnuCash Tutorial and Concepts Guide, GnuCash Help (English)\n"
                 f"Licence: GNU Free Documentation License 1.1 or later, no invariant sections; "
                 f"(c) 2001-2021 GnuCash Documentation Team.\n")
