@@ -5,16 +5,20 @@
 The base corpus (``../shared/corpus/build_corpus.sh``) is dictionary, 19th-century commentary, Austen and
 Wikipedia leads: it has almost no everyday financial English (6 "interest rates", 2 "money in the bank" in
 11.3M tokens), so the model never learned that sense of 'bank', 'deposit' or 'interest'. This adds the English
-GnuCash manuals (Debian ``gnucash-docs``: the Tutorial and Concepts Guide and the Help; GFDL 1.1+, GnuCash
-Documentation Team), modern prose about bank accounts, deposits, loans and interest.
+user manuals of three personal-finance programs, modern prose about bank accounts, deposits, loans and
+interest, all under the GNU Free Documentation License:
 
-Fetches ``gnucash-docs`` with ``apt-get download`` (no web, no install) into SUPPLEMENT/pkgs, turns the DocBook
-paragraphs into sentences with the base corpus's own normalizer, sentence splitter and tokenizer
-(``corpus_text.py``), drops sentences already in the base corpus or repeated, holds out 5% and writes:
+  Debian gnucash-docs      GnuCash Tutorial and Concepts Guide, GnuCash Help (GnuCash Documentation Team)
+  Debian kmymoney-common   The KMyMoney Handbook (the KMyMoney authors, KDE)
+  Debian skrooge-common    The Skrooge Handbook (the Skrooge authors, KDE)
 
-  SUPPLEMENT/gnucash/train.txt        the supplement's training sentences (one tokenized sentence per line)
-  SUPPLEMENT/gnucash/heldout.txt      its held-out sentences (for perplexity on modern finance text)
-  SUPPLEMENT/mix/part-*.txt           base shard k + 1/n of --copies shuffled copies of train.txt, per shard
+Fetches them with ``apt-get download`` (no web, no install) into SUPPLEMENT/pkgs, turns the DocBook paragraphs
+into sentences with the base corpus's own normalizer, sentence splitter and tokenizer (``corpus_text.py``),
+drops sentences already in the base corpus or repeated, holds out 5% and writes:
+
+  SUPPLEMENT/finance/train.txt        the supplement's training sentences (one tokenized sentence per line)
+  SUPPLEMENT/finance/heldout.txt      its held-out sentences (for perplexity on modern finance text)
+  SUPPLEMENT/mix/part-*.txt           base shard k + its share of --copies shuffled copies of train.txt
   SUPPLEMENT/stats.json, SUPPLEMENT/SOURCES.txt
 
 The vocabulary stays the base corpus's (the softmax is the same): new words are <UNK> targets, their characters
@@ -30,8 +34,12 @@ import re
 import subprocess
 import sys
 
-PACKAGE = "gnucash-docs"
-MANUALS = ("gnucash-guide", "gnucash-help")
+# (Debian package, folder of the English DocBook manual in it, its file pattern)
+MANUALS = (("gnucash-docs", "usr/share/help/C/gnucash-guide", "*.xml"),
+           ("gnucash-docs", "usr/share/help/C/gnucash-help", "*.xml"),
+           ("kmymoney-common", "usr/share/doc/HTML/en/kmymoney", "*.docbook"),
+           ("skrooge-common", "usr/share/doc/HTML/en/skrooge", "*.docbook"))
+PACKAGES = tuple(dict.fromkeys(package for package, _, _ in MANUALS))
 # Licence text, legal notice and DTDs are not prose of the manuals.
 SKIP_FILES = {"fdl-appendix.xml", "legal.xml"}
 # Elements whose content is code, screen text, pictures or index terms, not sentences.
@@ -53,11 +61,18 @@ _BLOCK_TAG = re.compile(r"</?(?:" + "|".join(BLOCK_ELEMENTS) + r")\b[^>]*>")
 _TAG = re.compile(r"<[^>]+>")
 _XML_ENTITIES = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'", "nbsp": " ", "mdash": " -- ",
                  "ndash": "-", "hellip": "...", "copy": "(c)", "reg": "", "trade": "", "eacute": "\u00e9"}
+# Entities of KDE's shared DTD (kdoctools, not in the packages) that the KDE manuals use in sentences.
+_KDE_ENTITIES = {"kmymoney": "KMyMoney", "skrooge": "Skrooge", "kde": "KDE", "Qt": "Qt", "ie": "i.e.",
+                 "eg": "e.g.", "etc": "etc.", "Ctrl": "Ctrl", "Shift": "Shift", "Alt": "Alt", "Enter": "Enter",
+                 "Tab": "Tab", "Up": "Up", "Down": "Down", "Left": "Left", "Right": "Right", "Esc": "Esc",
+                 "Del": "Del", "RMB": "right mouse button", "LMB": "left mouse button", "PDF": "PDF", "XML": "XML",
+                 "HTML": "HTML", "Linux": "Linux", "Windows": "Windows", "Mac": "Mac", "macOS": "macOS",
+                 "UNIX": "UNIX", "URL": "URL", "GUI": "GUI", "SQL": "SQL", "CSV": "CSV", "FAQ": "FAQ"}
 
 
 def entity_table(manual_dir: str) -> dict[str, str]:
     """name -> text of the manual's own entities (its .dtd files and index.docbook), references expanded."""
-    table = dict(_XML_ENTITIES)
+    table = dict(_XML_ENTITIES, **_KDE_ENTITIES)
     for path in sorted(glob.glob(os.path.join(manual_dir, "*.dtd"))) + [os.path.join(manual_dir, "index.docbook")]:
         with open(path, encoding="utf-8") as f:
             for name, value in _ENTITY_DECL.findall(_COMMENT.sub(" ", f.read())):
@@ -85,27 +100,28 @@ def docbook_paragraphs(path: str, entities: dict[str, str]) -> list[str]:
     return [" ".join(block.split()) for block in text.split("\n\n") if block.strip()]
 
 
-def fetch_package(pkg_dir: str) -> str:
-    """Download and unpack gnucash-docs under pkg_dir; returns the unpacked root."""
+def fetch_packages(pkg_dir: str) -> str:
+    """Download and unpack PACKAGES under pkg_dir; returns the unpacked root."""
     debs, root = os.path.join(pkg_dir, "debs"), os.path.join(pkg_dir, "root")
     os.makedirs(debs, exist_ok=True)
-    if not glob.glob(os.path.join(debs, f"{PACKAGE}_*.deb")):
-        subprocess.run(["apt-get", "download", PACKAGE], cwd=debs, check=True, stdout=subprocess.DEVNULL)
-    deb = max(glob.glob(os.path.join(debs, f"{PACKAGE}_*.deb")))
-    subprocess.run(["dpkg-deb", "-x", deb, root], check=True)
+    missing = [p for p in PACKAGES if not glob.glob(os.path.join(debs, f"{p}_*.deb"))]
+    if missing:
+        subprocess.run(["apt-get", "download", *missing], cwd=debs, check=True, stdout=subprocess.DEVNULL)
+    for package in PACKAGES:
+        subprocess.run(["dpkg-deb", "-x", max(glob.glob(os.path.join(debs, f"{package}_*.deb"))), root], check=True)
     return root
 
 
-def supplement_sentences(root: str, corpus_text, min_tokens: int, max_tokens: int) -> list[str]:
-    """Tokenized sentences of the English GnuCash manuals, in document order, without repeats."""
-    seen, out = set(), []
-    for manual in MANUALS:
-        manual_dir = os.path.join(root, "usr/share/help/C", manual)
+def supplement_sentences(root: str, corpus_text, min_tokens: int, max_tokens: int) -> dict[str, list[str]]:
+    """{manual folder: its tokenized sentences in document order}, no sentence twice over all manuals."""
+    seen, out = set(), {}
+    for package, folder, pattern in MANUALS:
+        manual_dir = os.path.join(root, folder)
         if not os.path.isdir(manual_dir):
-            raise SystemExit(f"build_supplement: {manual_dir}: not found in {PACKAGE}; expected the English "
+            raise SystemExit(f"build_supplement: {manual_dir}: not found in {package}; expected the English "
                              f"DocBook manual there")
-        entities = entity_table(manual_dir)
-        for path in sorted(glob.glob(os.path.join(manual_dir, "*.xml"))):
+        entities, sentences = entity_table(manual_dir), out.setdefault(folder, [])
+        for path in sorted(glob.glob(os.path.join(manual_dir, pattern))):
             if os.path.basename(path) in SKIP_FILES:
                 continue
             for paragraph in docbook_paragraphs(path, entities):
@@ -114,7 +130,7 @@ def supplement_sentences(root: str, corpus_text, min_tokens: int, max_tokens: in
                     line = " ".join(tokens)
                     if corpus_text.good_sentence(tokens, min_tokens, max_tokens) and line not in seen:
                         seen.add(line)
-                        out.append(line)
+                        sentences.append(line)
     return out
 
 
@@ -147,21 +163,22 @@ def main() -> int:
     base_shards = sorted(glob.glob(os.path.join(args.corpus_dir, "train", "part-*.txt")))
     if not base_shards:
         raise SystemExit(f"build_supplement: {args.corpus_dir}/train/part-*.txt: no base corpus shards")
-    root = fetch_package(os.path.join(args.out_dir, "pkgs"))
-    sentences = supplement_sentences(root, corpus_text, min_tokens=3, max_tokens=200)
+    root = fetch_packages(os.path.join(args.out_dir, "pkgs"))
+    per_manual = supplement_sentences(root, corpus_text, min_tokens=3, max_tokens=200)
     base = [read_lines(path) for path in base_shards]
     in_base = set().union(*map(set, base))
     for path in glob.glob(os.path.join(args.corpus_dir, "heldout", "*.txt")):
         in_base.update(read_lines(path))
-    sentences = [s for s in sentences if s not in in_base]
+    per_manual = {folder: [s for s in lines if s not in in_base] for folder, lines in per_manual.items()}
+    sentences = [s for lines in per_manual.values() for s in lines]
 
     rng = random.Random(args.seed)
     rng.shuffle(sentences)
     n_heldout = round(len(sentences) * args.heldout_frac)
     heldout, train = sentences[:n_heldout], sentences[n_heldout:]
-    os.makedirs(os.path.join(args.out_dir, "gnucash"), exist_ok=True)
-    write_lines(os.path.join(args.out_dir, "gnucash", "train.txt"), train)
-    write_lines(os.path.join(args.out_dir, "gnucash", "heldout.txt"), heldout)
+    os.makedirs(os.path.join(args.out_dir, "finance"), exist_ok=True)
+    write_lines(os.path.join(args.out_dir, "finance", "train.txt"), train)
+    write_lines(os.path.join(args.out_dir, "finance", "heldout.txt"), heldout)
 
     # Each base shard gets a share of the copies in proportion to its size, so every shard the trainer reads
     # (one at a time, shuffled within) holds the same fraction of supplement.
@@ -176,20 +193,23 @@ def main() -> int:
         done += len(lines)
         write_lines(os.path.join(mix_dir, os.path.basename(path)), lines + share)
 
-    n_tokens = sum(len(s.split()) for s in train)
-    stats = {"package": PACKAGE, "train_sentences": len(train), "train_tokens": n_tokens,
-             "heldout_sentences": len(heldout), "copies": args.copies,
+    debs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(args.out_dir, "pkgs", "debs", "*.deb")))
+    stats = {"packages": debs, "copies": args.copies,
+             "sentences_per_manual": {folder: len(lines) for folder, lines in per_manual.items()},
+             "tokens_per_manual": {folder: sum(len(s.split()) for s in lines) for folder, lines in per_manual.items()},
+             "train_sentences": len(train), "train_tokens": sum(len(s.split()) for s in train),
+             "heldout_sentences": len(heldout), "heldout_tokens": sum(len(s.split()) for s in heldout),
              "base_tokens": sum(len(s.split()) for lines in base for s in lines),
-             "bank_tokens": sum(s.lower().split().count("bank") for s in train)}
+             "bank_tokens_in_train": sum(s.lower().split().count("bank") for s in train)}
     with open(os.path.join(args.out_dir, "stats.json"), "w", encoding="utf-8") as f:
         json.dump(stats, f, indent=1)
         f.write("\n")
     with open(os.path.join(args.out_dir, "SOURCES.txt"), "w", encoding="utf-8") as f:
-        f.write(f"Second-stage text of the built-in model, mixed into the base corpus ({args.copies} copies):\n"
-                f"  Debian {os.path.basename(max(glob.glob(os.path.join(args.out_dir, 'pkgs/debs/*.deb'))))}"
-                f": GnuCash Tutorial and Concepts Guide, GnuCash Help (English)\n"
-                f"Licence: GNU Free Documentation License 1.1 or later, no invariant sections; "
-                f"(c) 2001-2021 GnuCash Documentation Team.\n")
+        f.write(f"Second-stage text of the built-in model, mixed into the base corpus ({args.copies} copies):\n")
+        f.writelines(f"  Debian {deb}\n" for deb in debs)
+        f.write("English manuals: GnuCash Tutorial and Concepts Guide and GnuCash Help ((c) 2001-2021 GnuCash "
+                "Documentation Team, GFDL 1.1 or later); The KMyMoney Handbook and The Skrooge Handbook (their "
+                "authors, KDE; GFDL 1.2 or later). No invariant sections.\n")
     print(json.dumps(stats))
     return 0
 
