@@ -129,7 +129,8 @@ def main(argv=None) -> dict:
     peak = matmul_peak(peak_n, dtype=jnp.dtype(args.dtype)) * len(devices)
     result = {
         "config": args.config, "dtype": args.dtype, "device": str(devices[0].device_kind), "n_devices": len(devices),
-        "batch": args.batch, "unroll": args.unroll, "vocab_size": args.vocab_size, "n_negative": args.n_negative, "steps": args.steps,
+        "batch": args.batch, "unroll": args.unroll, "vocab_size": args.vocab_size, "n_negative": args.n_negative,
+        "steps": args.steps,
         "first_step_s": round(compile_s, 2), "step_ms": round(1000 * elapsed / args.steps, 2),
         "tokens_per_s": round(tokens_per_s, 1), "model_tflops_per_s": round(model_flops / 1e12, 5),
         "peak_tflops_per_s": round(peak / 1e12, 4), "fraction_of_peak": round(model_flops / peak, 4),

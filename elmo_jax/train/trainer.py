@@ -283,6 +283,8 @@ class Trainer:
                  new_data: bool = False, devices: list | None = None, log_stream=sys.stdout):
         import orbax.checkpoint as ocp
 
+        if new_data and not resume:
+            raise TrainError("new_data switches the data of a resumed run; pass resume=True")
         options, t = config.options, config.options.training
         self.config, self.options, self.log_stream = config, options, log_stream
         # ---- mesh
@@ -322,13 +324,11 @@ class Trainer:
         if resume:
             if latest is None:
                 raise TrainError(f"{self.run_dir}: nothing to resume, no checkpoint in {self.run_dir}/checkpoints")
+            fresh = self.state  # as init made it: data position 0, zero LSTM state, placed on the mesh
             self.state = self.manager.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(self.state)))["state"]
-            if new_data:  # x * 0 keeps each leaf's dtype and sharding
-                self.state = self.state._replace(data_position=self.state.data_position * 0,
-                                                 lstm_state=jax.tree.map(lambda x: x * 0, self.state.lstm_state))
-        elif new_data:
-            raise TrainError("new_data switches the data of a resumed run; pass resume=True")
+                state=ocp.args.StandardRestore(fresh)))["state"]
+            if new_data:
+                self.state = self.state._replace(data_position=fresh.data_position, lstm_state=fresh.lstm_state)
         elif latest is not None:
             raise TrainError(f"{self.run_dir}: holds checkpoints up to step {latest}; pass --resume to continue "
                              f"it or choose a new run directory")
