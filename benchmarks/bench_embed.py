@@ -1,6 +1,7 @@
 """Embedding speed of elmo_jax's Embedder, side by side with AllenNLP in the same run.
 
-    python benchmarks/bench_embed.py --size 2x4096_512_2048cnn_2xhighway --max-sentences 200 --compare-allennlp [--compare-tf]
+    python benchmarks/bench_embed.py --size 2x4096_512_2048cnn_2xhighway --max-sentences 200 \\
+        --compare-allennlp [--compare-tf]
 
 Random weights at the published sizes are written by ../shared/bench/make_weights.py (exact original
 layout). Prints one JSON line with tokens/s, compilations, compile time, peak memory, the model's

@@ -62,8 +62,10 @@ def init_params(options: BiLMOptions, key: jax.Array) -> dict:
             for width, num in cnn.filters
         ],
         "highway": [
-            {"carry": {"kernel": normal((n_filters, n_filters), n_filters), "bias": jnp.full((n_filters,), -2.0, jnp.float32)},
-             "transform": {"kernel": normal((n_filters, n_filters), n_filters), "bias": jnp.zeros((n_filters,), jnp.float32)}}
+            {"carry": {"kernel": normal((n_filters, n_filters), n_filters),
+                       "bias": jnp.full((n_filters,), -2.0, jnp.float32)},
+             "transform": {"kernel": normal((n_filters, n_filters), n_filters),
+                           "bias": jnp.zeros((n_filters,), jnp.float32)}}
             for _ in range(cnn.n_highway)
         ],
         "projection": {"kernel": normal((n_filters, proj), n_filters), "bias": jnp.zeros((proj,), jnp.float32)},

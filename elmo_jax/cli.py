@@ -22,8 +22,10 @@ def add_convert_parser(subparsers) -> None:
         "and --weights and writes --checkpoint; --to hdf5 reads --checkpoint and writes --weights and --options "
         "(without the training fields). `python convert_weights.py` takes the same arguments.",
     )
-    parser.add_argument("--options", required=True, help="options.json (read for --to checkpoint, written for --to hdf5)")
-    parser.add_argument("--weights", required=True, help="HDF5 weights (read for --to checkpoint, written for --to hdf5)")
+    parser.add_argument("--options", required=True,
+                        help="options.json (read for --to checkpoint, written for --to hdf5)")
+    parser.add_argument("--weights", required=True,
+                        help="HDF5 weights (read for --to checkpoint, written for --to hdf5)")
     parser.add_argument("--checkpoint", required=True,
                         help="orbax checkpoint directory (written for --to checkpoint, read for --to hdf5)")
     parser.add_argument("--to", choices=("checkpoint", "hdf5"), default="checkpoint",

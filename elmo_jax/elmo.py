@@ -166,7 +166,8 @@ class Elmo:
             return out
         if char_ids is None:
             raise ValueError("pass char_ids (from batch_to_ids) or word_ids")
-        out, _ = _elmo_jit(self._compute_params(), self.options, self.config, _check_char_ids(char_ids, self.options), key, None)
+        char_ids = _check_char_ids(char_ids, self.options)
+        out, _ = _elmo_jit(self._compute_params(), self.options, self.config, char_ids, key, None)
         return out
 
     def _compute_params(self) -> dict:

@@ -137,11 +137,13 @@ def embed_block(params: dict, options: BiLMOptions, forward_x: jax.Array, backwa
       the last axis is [forward at step t, backward at reversed step t]; and the state after the block.
     """
     outputs, state = bilstm(params["lstm"], options, forward_x, mask, state, backward_x=backward_x)
-    activations = jnp.stack([token_layer(forward_x, backward_x, mask), *outputs])  # (layers, rows, steps, 2 * projection_dim)
+    # (layers, rows, steps, 2 * projection_dim)
+    activations = jnp.stack([token_layer(forward_x, backward_x, mask), *outputs])
     return _reduce_layers(activations, mode, weights).astype(jnp.float32), state
 
 
-def assemble_rows(blocks: list[tuple[int, np.ndarray]], lengths: Sequence[int], projection_dim: int) -> list[np.ndarray]:
+def assemble_rows(blocks: list[tuple[int, np.ndarray]], lengths: Sequence[int],
+                  projection_dim: int) -> list[np.ndarray]:
     """Block outputs -> each sentence's (..., tokens, 2 * projection_dim) in sentence order, <S>/</S> dropped.
 
     blocks: [(first step, (..., block rows, steps, 2 * projection_dim))], rows sorted as ``lengths``.
@@ -391,7 +393,8 @@ class Embedder:
         "sentence_to_index" holds JSON {sentence: "index"}. The file is written under a temporary name and
         renamed when complete: an error or interruption leaves no output file. ``empty_lines``: "error"
         (default; the message names the line) or "skip" (an empty line gets a dataset with 0 tokens).
-        ``input_file``: a path, "-" for stdin, or an open binary file (any iterable of lines). Returns counts and timings.
+        ``input_file``: a path, "-" for stdin, or an open binary file (any iterable of lines).
+        Returns counts and timings.
         """
         if empty_lines not in ("error", "skip"):
             raise ValueError(f"empty_lines must be 'error' or 'skip', found {empty_lines!r}")

@@ -21,7 +21,10 @@ FORGET_BIAS = 1.0  # TF LSTMCell's default forget_bias; not stored in the weight
 
 
 class LSTMState(NamedTuple):
-    """One layer, one direction (or directions stacked on a leading axis). h: (batch, projection_dim); c: (batch, dim)."""
+    """One layer, one direction (or directions stacked on a leading axis).
+
+    h: (batch, projection_dim); c: (batch, dim).
+    """
 
     h: jax.Array
     c: jax.Array
@@ -42,7 +45,8 @@ def split_kernel(params: dict) -> dict:
     projection_dim = params["projection"].shape[-1]
     kernel = params["kernel"]
     rest = {k: v for k, v in params.items() if k != "kernel"}
-    return {**rest, "input_kernel": kernel[..., :-projection_dim, :], "recurrent_kernel": kernel[..., -projection_dim:, :]}
+    return {**rest, "input_kernel": kernel[..., :-projection_dim, :],
+            "recurrent_kernel": kernel[..., -projection_dim:, :]}
 
 
 def _input_kernel(params: dict, in_dim: int) -> jax.Array:
@@ -50,7 +54,9 @@ def _input_kernel(params: dict, in_dim: int) -> jax.Array:
 
 
 def input_gates(params: dict, xs: jax.Array) -> jax.Array:
-    """The input half of the gates for every time step at once: xs (..., batch, time, in_dim) -> (..., batch, time, 4 * dim).
+    """The input half of the gates for every time step at once.
+
+    xs (..., batch, time, in_dim) -> (..., batch, time, 4 * dim).
 
     params: lstm_layer params, with "kernel" or with ``split_kernel``'s "input_kernel".
     """
@@ -60,7 +66,9 @@ def input_gates(params: dict, xs: jax.Array) -> jax.Array:
 
 
 def lstm_step(params: dict, state: LSTMState, inputs: tuple[jax.Array, jax.Array], *, cell_clip, proj_clip):
-    """One time step. inputs = (x_gates (..., batch, 4 * dim), mask (..., batch)) -> (state, h (..., batch, projection_dim)).
+    """One time step.
+
+    inputs = (x_gates (..., batch, 4 * dim), mask (..., batch)) -> (state, h (..., batch, projection_dim)).
 
     params["recurrent_kernel"]: (..., projection_dim, 4 * dim); params["projection"]: (..., dim, projection_dim).
     Leading axes (e.g. two stacked directions) broadcast through.

@@ -110,7 +110,8 @@ class BiLMOptions:
                                f"max_characters_per_token={max_chars}")
         activation = reader.get("char_cnn.activation", str, default="relu")
         if activation not in ACTIVATIONS:
-            raise OptionsError(f"{source}: field 'char_cnn.activation' must be one of {ACTIVATIONS}, found {activation!r}")
+            raise OptionsError(
+                f"{source}: field 'char_cnn.activation' must be one of {ACTIVATIONS}, found {activation!r}")
         n_characters = reader.get("char_cnn.n_characters", int, default=262)
         if n_characters not in (261, 262):
             raise OptionsError(f"{source}: field 'char_cnn.n_characters' must be 261 (training) or 262 (inference), "

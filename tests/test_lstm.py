@@ -45,7 +45,8 @@ def test_initial_state_is_used():
     xs, mask, _ = _inputs()
     start = LSTMState(h=jnp.full((BATCH, PROJ), 0.2), c=jnp.full((BATCH, DIM), -0.4))
     ys, _ = lstm_layer(params, xs, mask, start)
-    expected, _ = lstm_run(params, np.asarray(xs[0], np.float64), None, None, h=np.full(PROJ, 0.2), c=np.full(DIM, -0.4))
+    expected, _ = lstm_run(params, np.asarray(xs[0], np.float64), None, None,
+                           h=np.full(PROJ, 0.2), c=np.full(DIM, -0.4))
     np.testing.assert_allclose(ys[0], expected, atol=1e-5)
 
 
@@ -54,7 +55,8 @@ def test_bidirectional_layer_equals_two_layers():
     xs, mask, _ = _inputs()
     xs_back = xs * 2.0
     state = (zero_state(BATCH, DIM, PROJ), LSTMState(jnp.ones((BATCH, PROJ)) * 0.1, jnp.ones((BATCH, DIM)) * 0.1))
-    (fw, bw), (fs, bs) = bidirectional_layer(stack_directions(forward, backward), (xs, xs_back), mask, state, cell_clip=1.0)
+    (fw, bw), (fs, bs) = bidirectional_layer(stack_directions(forward, backward), (xs, xs_back), mask, state,
+                                             cell_clip=1.0)
     fw_ref, fs_ref = lstm_layer(forward, xs, mask, state[0], cell_clip=1.0)
     bw_ref, bs_ref = lstm_layer(backward, xs_back, mask, state[1], cell_clip=1.0, reverse=True)
     for a, b in [(fw, fw_ref), (bw, bw_ref), (fs.h, fs_ref.h), (fs.c, fs_ref.c), (bs.h, bs_ref.h), (bs.c, bs_ref.c)]:

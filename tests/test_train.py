@@ -33,7 +33,7 @@ from elmo_jax.train.loss import (
     softmax_rows,
 )
 from elmo_jax.train.trainer import TrainConfig, Trainer, TrainError, initialize_distributed
-from tests.conftest import FIXTURES as SHARED_FIXTURES  # noqa: E402  (../shared/fixtures or ELMO_JAX_FIXTURES)
+from tests.conftest import FIXTURES as SHARED_FIXTURES
 
 FIXTURES = str(SHARED_FIXTURES / "train_tiny")
 DATA, VOCAB = f"{FIXTURES}/data.txt", f"{FIXTURES}/vocab.txt"
@@ -208,7 +208,8 @@ def test_resume_on_new_data_keeps_the_model_and_reads_the_new_data_from_its_star
 def test_non_finite_loss_raises(tmp_path):
     trainer = Trainer(_config(n_steps=2, log_every=1), tmp_path / "nan", devices=jax.devices()[:1],
                       log_stream=io.StringIO())
-    params = dict(trainer.state.params, projection={k: v * jnp.nan for k, v in trainer.state.params["projection"].items()})
+    nan_projection = {k: v * jnp.nan for k, v in trainer.state.params["projection"].items()}
+    params = dict(trainer.state.params, projection=nan_projection)
     trainer.state = trainer.state._replace(params=params)
     with pytest.raises(TrainError, match="non-finite loss at step 1"):
         trainer.train()

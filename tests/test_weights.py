@@ -52,7 +52,8 @@ def test_published_sizes_load(make_weights, size, tmp_path):
     options = BiLMOptions.from_dict(raw_options)
     params = load_hdf5(tmp_path / "w.hdf5", options)
     assert params["char_embed"].shape == (262, 16) and not params["char_embed"][0].any()
-    assert len(params["highway"]) == options.char_cnn.n_highway and params["convolutions"][6]["kernel"].shape == (7, 16, 1024)
+    assert len(params["highway"]) == options.char_cnn.n_highway
+    assert params["convolutions"][6]["kernel"].shape == (7, 16, 1024)
     if size.startswith("2x1024"):
         out, _ = BiLM(params, options)(batch_to_ids([["Hello", "world", "."]]))
         assert out.activations.shape == (3, 1, 5, 256) and np.isfinite(np.asarray(out.activations)).all()
