@@ -23,7 +23,7 @@ if [[ $# -lt 1 ]]; then
 fi
 HERE=$(cd "$(dirname "$0")" && pwd)
 WORK=$(realpath -m "$1")
-MORE_STEPS_DEFAULT=7000
+MORE_STEPS_DEFAULT=15000
 STEPS=${2:-21000}                       # stage 1 of the shipped model
 MORE_STEPS=${3:-$MORE_STEPS_DEFAULT}    # stage 2 of the shipped model
 SHARED_CORPUS=${SHARED_CORPUS:-$HERE/../../shared/corpus}
