@@ -33,7 +33,7 @@ from elmo_jax.train.loss import (
     softmax_rows,
 )
 from elmo_jax.train.trainer import TrainConfig, Trainer, TrainError, initialize_distributed
-from tests.conftest import FIXTURES as SHARED_FIXTURES
+from tests.conftest import FIXTURES as SHARED_FIXTURES  # ../shared/fixtures or ELMO_JAX_FIXTURES
 
 FIXTURES = str(SHARED_FIXTURES / "train_tiny")
 DATA, VOCAB = f"{FIXTURES}/data.txt", f"{FIXTURES}/vocab.txt"

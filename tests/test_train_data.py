@@ -8,7 +8,7 @@ import pytest
 
 from elmo_jax.characters import Vocabulary, token_to_char_ids
 from elmo_jax.train.data import DataError, LMDataset, load_vocabulary, shard_files
-from tests.conftest import FIXTURES as SHARED_FIXTURES
+from tests.conftest import FIXTURES as SHARED_FIXTURES  # ../shared/fixtures or ELMO_JAX_FIXTURES
 
 FIXTURES = str(SHARED_FIXTURES / "train_tiny")
 VOCAB = f"{FIXTURES}/vocab.txt"
