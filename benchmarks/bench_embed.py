@@ -58,8 +58,8 @@ def token_layer_flops(options: BiLMOptions) -> float:
 
 def lstm_flops(options: BiLMOptions) -> float:
     """FLOPs of all LSTM layers, both directions, for one time step of one sentence."""
-    l = options.lstm
-    return 2 * l.n_layers * (2 * (2 * l.projection_dim) * 4 * l.dim + 2 * l.dim * l.projection_dim)
+    lstm = options.lstm
+    return 2 * lstm.n_layers * (2 * (2 * lstm.projection_dim) * 4 * lstm.dim + 2 * lstm.dim * lstm.projection_dim)
 
 
 def make_weights(size: str, directory: pathlib.Path) -> pathlib.Path:

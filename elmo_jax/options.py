@@ -153,29 +153,29 @@ class BiLMOptions:
 
     def to_dict(self, include_training: bool = True) -> dict[str, Any]:
         """The options.json dict (bilm-tf layout); inverse of from_dict."""
-        c, l, t = self.char_cnn, self.lstm, self.training
+        cnn, lstm, training = self.char_cnn, self.lstm, self.training
         out: dict[str, Any] = {
             "lstm": {
-                "dim": l.dim,
-                "projection_dim": l.projection_dim,
-                "n_layers": l.n_layers,
-                "use_skip_connections": l.use_skip_connections,
+                "dim": lstm.dim,
+                "projection_dim": lstm.projection_dim,
+                "n_layers": lstm.n_layers,
+                "use_skip_connections": lstm.use_skip_connections,
             },
             "char_cnn": {
-                "activation": c.activation,
-                "filters": [list(f) for f in c.filters],
-                "n_highway": c.n_highway,
-                "embedding": {"dim": c.char_embedding_dim},
-                "n_characters": c.n_characters,
-                "max_characters_per_token": c.max_characters_per_token,
+                "activation": cnn.activation,
+                "filters": [list(f) for f in cnn.filters],
+                "n_highway": cnn.n_highway,
+                "embedding": {"dim": cnn.char_embedding_dim},
+                "n_characters": cnn.n_characters,
+                "max_characters_per_token": cnn.max_characters_per_token,
             },
         }
         for name in ("cell_clip", "proj_clip"):
-            if getattr(l, name) is not None:
-                out["lstm"][name] = getattr(l, name)
+            if getattr(lstm, name) is not None:
+                out["lstm"][name] = getattr(lstm, name)
         if include_training:
-            for field in dataclasses.fields(t):
-                value = getattr(t, field.name)
+            for field in dataclasses.fields(training):
+                value = getattr(training, field.name)
                 if value is not None:
                     out[field.name] = value
         return out

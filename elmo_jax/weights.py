@@ -150,10 +150,10 @@ def _dataset_names(f) -> set[str]:
 
 
 def _describe(options: BiLMOptions) -> str:
-    c, l = options.char_cnn, options.lstm
-    return (f"lstm dim={l.dim}, projection_dim={l.projection_dim}, n_layers={l.n_layers}; char_cnn "
-            f"filters={len(c.filters)} ({c.n_filters} total), n_highway={c.n_highway}, embedding dim="
-            f"{c.char_embedding_dim}")
+    cnn, lstm = options.char_cnn, options.lstm
+    return (f"lstm dim={lstm.dim}, projection_dim={lstm.projection_dim}, n_layers={lstm.n_layers}; char_cnn "
+            f"filters={len(cnn.filters)} ({cnn.n_filters} total), n_highway={cnn.n_highway}, embedding dim="
+            f"{cnn.char_embedding_dim}")
 
 
 def check_params(params: dict, options: BiLMOptions) -> None:
