@@ -100,16 +100,22 @@ def docbook_paragraphs(path: str, entities: dict[str, str]) -> list[str]:
     return [" ".join(block.split()) for block in text.split("\n\n") if block.strip()]
 
 
-def fetch_packages(pkg_dir: str) -> str:
-    """Download and unpack PACKAGES under pkg_dir; returns the unpacked root."""
+def fetch_packages(pkg_dir: str) -> tuple[str, list[str]]:
+    """Download and unpack PACKAGES under pkg_dir; returns the unpacked root and the .deb files unpacked."""
     debs, root = os.path.join(pkg_dir, "debs"), os.path.join(pkg_dir, "root")
     os.makedirs(debs, exist_ok=True)
     missing = [p for p in PACKAGES if not glob.glob(os.path.join(debs, f"{p}_*.deb"))]
     if missing:
         subprocess.run(["apt-get", "download", *missing], cwd=debs, check=True, stdout=subprocess.DEVNULL)
-    for package in PACKAGES:
-        subprocess.run(["dpkg-deb", "-x", max(glob.glob(os.path.join(debs, f"{package}_*.deb"))), root], check=True)
-    return root
+    unpacked = [max(glob.glob(os.path.join(debs, f"{package}_*.deb"))) for package in PACKAGES]
+    for deb in unpacked:
+        subprocess.run(["dpkg-deb", "-x", deb, root], check=True)
+    return root, sorted(os.path.basename(deb) for deb in unpacked)
+
+
+def n_tokens(sentences) -> int:
+    """Tokens in whitespace-tokenized sentences."""
+    return sum(len(s.split()) for s in sentences)
 
 
 def supplement_sentences(root: str, corpus_text, min_tokens: int, max_tokens: int) -> dict[str, list[str]]:
@@ -163,7 +169,7 @@ def main() -> int:
     base_shards = sorted(glob.glob(os.path.join(args.corpus_dir, "train", "part-*.txt")))
     if not base_shards:
         raise SystemExit(f"build_supplement: {args.corpus_dir}/train/part-*.txt: no base corpus shards")
-    root = fetch_packages(os.path.join(args.out_dir, "pkgs"))
+    root, debs = fetch_packages(os.path.join(args.out_dir, "pkgs"))
     per_manual = supplement_sentences(root, corpus_text, min_tokens=3, max_tokens=200)
     base = [read_lines(path) for path in base_shards]
     in_base = set().union(*map(set, base))
@@ -193,13 +199,12 @@ def main() -> int:
         done += len(lines)
         write_lines(os.path.join(mix_dir, os.path.basename(path)), lines + share)
 
-    debs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(args.out_dir, "pkgs", "debs", "*.deb")))
     stats = {"packages": debs, "copies": args.copies,
              "sentences_per_manual": {folder: len(lines) for folder, lines in per_manual.items()},
-             "tokens_per_manual": {folder: sum(len(s.split()) for s in lines) for folder, lines in per_manual.items()},
-             "train_sentences": len(train), "train_tokens": sum(len(s.split()) for s in train),
-             "heldout_sentences": len(heldout), "heldout_tokens": sum(len(s.split()) for s in heldout),
-             "base_tokens": sum(len(s.split()) for lines in base for s in lines),
+             "tokens_per_manual": {folder: n_tokens(lines) for folder, lines in per_manual.items()},
+             "train_sentences": len(train), "train_tokens": n_tokens(train),
+             "heldout_sentences": len(heldout), "heldout_tokens": n_tokens(heldout),
+             "base_tokens": sum(map(n_tokens, base)),
              "bank_tokens_in_train": sum(s.lower().split().count("bank") for s in train)}
     with open(os.path.join(args.out_dir, "stats.json"), "w", encoding="utf-8") as f:
         json.dump(stats, f, indent=1)
