@@ -1,14 +1,24 @@
-"""Embedding speed of elmo_jax's Embedder, side by side with AllenNLP in the same run.
+"""Embedding speed of elmo_jax, side by side with AllenNLP and bilm-tf in the same run.
 
-    python benchmarks/bench_embed.py --size 2x4096_512_2048cnn_2xhighway --max-sentences 200 \\
-        --compare-allennlp [--compare-tf]
+Three measurements (one JSON line each):
 
-Random weights at the published sizes are written by ../shared/bench/make_weights.py (exact original
-layout). Prints one JSON line with tokens/s, compilations, compile time, peak memory, the model's
-FLOP/s and its fraction of the machine's float32 matmul peak measured in this run; with
---compare-allennlp also AllenNLP's tokens/s on the same sentences and batch size, the speed ratio and
-the max abs difference of all activations. Timing covers char ids + biLM of every batch of a pass
-(as the AllenNLP harness), fastest of --repeats passes.
+    # the model: warm passes of Embedder.embed_sentences over the same sentences, vs the peers' warm passes
+    python benchmarks/bench_embed.py --size 2x4096_512_2048cnn_2xhighway --max-sentences 300 --compare-allennlp
+
+    # the main job: `elmo-jax embed IN OUT` timed as a whole process (start-up, compilation, writing), built-in
+    # model, vs the peers' warm model-only throughput on the same sentences and weights
+    python benchmarks/bench_embed.py --whole-process --size builtin --sentences heldout.txt --max-sentences 10000 \\
+        --compare-allennlp --compare-tf
+
+    # the host side alone: reading, tokenizing, char ids, dedupe, lane packing, output assembly and writing,
+    # with a stand-in device step that returns zeros
+    python benchmarks/bench_embed.py --host-only --size builtin --sentences heldout.txt --max-sentences 100000
+
+Random weights at the published sizes come from ../shared/bench/make_weights.py (exact original layout);
+``--size builtin`` is the model shipped in the package. "Peak" is a 2048 x 2048 float32 matmul measured in
+this process. FLOPs count the biLSTM for every token plus <S>/</S> (padding not counted) and, where
+reported, the char CNN + highway once per distinct token. Add ``--dtype bfloat16`` on a GPU; on a GPU the
+peak is measured in the compute dtype.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import resource
 import subprocess
 import sys
@@ -30,9 +41,12 @@ import numpy as np
 
 from elmo_jax import BiLMOptions
 from elmo_jax.embed import Embedder
+from elmo_jax.pretrained import default_model_files
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_BENCH = pathlib.Path(os.environ.get("ELMO_JAX_BENCH", ROOT.parent / "shared" / "bench"))
+SIZES = ["builtin", "2x4096_512_2048cnn_2xhighway", "2x2048_256_2048cnn_1xhighway", "2x1024_128_2048cnn_1xhighway",
+         "small"]
 
 
 def matmul_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 10) -> float:
@@ -62,36 +76,144 @@ def lstm_flops(options: BiLMOptions) -> float:
     return 2 * lstm.n_layers * (2 * (2 * lstm.projection_dim) * 4 * lstm.dim + 2 * lstm.dim * lstm.projection_dim)
 
 
-def make_weights(size: str, directory: pathlib.Path) -> pathlib.Path:
+def model_files(size: str, directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """(options.json, weights.hdf5) of the built-in model or of random weights at a published size."""
+    if size == "builtin":
+        return tuple(map(pathlib.Path, default_model_files()))
     target = directory / size
     if not (target / "weights.hdf5").exists():
         subprocess.run([sys.executable, str(SHARED_BENCH / "make_weights.py"), "--size", size, "--out", str(target)],
                        check=True, stdout=sys.stderr)
-    return target
+    return target / "options.json", target / "weights.hdf5"
 
 
-def run_peer(script: str, python: str, weights: pathlib.Path, sentences: str, args, out: str) -> dict:
-    """Run a peer harness of ../shared/bench (ref_allennlp.py or ref_tf.py) on the same sentences and batch size."""
-    command = [python, str(SHARED_BENCH / script), "--options", str(weights / "options.json"),
-               "--weights", str(weights / "weights.hdf5"), "--sentences", sentences, "--batch-size",
-               str(args.batch_size), "--threads", str(os.cpu_count()), "--repeats", str(args.repeats), "--out", out]
-    if args.max_sentences:
-        command += ["--max-sentences", str(args.max_sentences)]
+def run_peer(script: str, python: str, files, sentences: str, args, out: str) -> dict:
+    """Run a peer harness of ../shared/bench (ref_allennlp.py or ref_tf.py): warm, model-only passes."""
+    command = [python, str(SHARED_BENCH / script), "--options", str(files[0]), "--weights", str(files[1]),
+               "--sentences", sentences, "--batch-size", str(args.peer_batch_size), "--threads",
+               str(os.cpu_count()), "--repeats", str(args.repeats), "--out", out]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def compare_peers(args, files, sentence_file: str, read_ours) -> dict:
+    """Each requested peer's tokens/s and its max abs difference from ours (read_ours(i) -> array i)."""
+    peers = [("allennlp", "ref_allennlp.py", args.allennlp_python)] if args.compare_allennlp else []
+    peers += [("tf", "ref_tf.py", args.tf_python)] if args.compare_tf else []
+    out = {}
+    for name, script, python in peers:
+        with tempfile.TemporaryDirectory() as tmp:
+            reference = run_peer(script, python, files, sentence_file, args, os.path.join(tmp, "ref.hdf5"))
+            with h5py.File(os.path.join(tmp, "ref.hdf5"), "r") as f:
+                diff = max(float(np.abs(f[key][...] - read_ours(int(key))).max()) for key in f if key.isdigit())
+        out.update({f"{name}_tokens_per_s": reference["tokens_per_s"], f"{name}_seconds_all": reference["seconds_all"],
+                    f"max_abs_diff_vs_{name}": diff})
+    return out
+
+
+def model_benchmark(args, files, sentences, sentence_file) -> dict:
+    """Warm passes of embed_sentences (compiled in a first pass): the model's speed and its fraction of peak."""
+    peak = matmul_peak_flops(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    embedder = Embedder(*files, batch_size=args.lanes, block_steps=args.block_steps, dtype=args.dtype)
+    start = time.perf_counter()
+    outputs = list(embedder.embed_sentences(sentences))  # first pass: compiles, fills the token table
+    first_pass = time.perf_counter() - start
+    passes = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in embedder.embed_sentences(sentences):
+            pass
+        passes.append(time.perf_counter() - start)
+    seconds = min(passes)
+    options, n_tokens = embedder.options, sum(map(len, sentences))
+    bilstm = lstm_flops(options) * (n_tokens + 2 * len(sentences))
+    distinct = len({t for s in sentences for t in s}) + 2
+    result = {
+        "what": "model, warm passes", "size": args.size, "device": jax.devices()[0].device_kind,
+        "n_devices": jax.device_count(), "dtype": args.dtype, "lanes": embedder.lanes,
+        "block_steps": embedder.block_steps, "sentences": len(sentences), "tokens": n_tokens,
+        "seconds": round(seconds, 4), "seconds_all": [round(s, 4) for s in passes],
+        "tokens_per_s": round(n_tokens / seconds, 1), "first_pass_seconds": round(first_pass, 2),
+        "compilations": embedder.compilations,
+        "bilstm_gflop_per_token": round(bilstm / n_tokens / 1e9, 4),
+        "bilstm_gflops": round(bilstm / seconds / 1e9, 1),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "bilstm_fraction_of_peak": round(bilstm / seconds / peak, 3),
+        "token_layer_gflop_first_pass": round(token_layer_flops(options) * distinct / 1e9, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    result.update(compare_peers(args, files, sentence_file, lambda i: outputs[i]))
+    return result
+
+
+def whole_process_benchmark(args, files, sentences, sentence_file) -> dict:
+    """`elmo-jax embed IN OUT` as a user runs it, timed from process start to exit."""
+    peak = matmul_peak_flops()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.hdf5")
+        command = [sys.executable, "-m", "elmo_jax.cli", "embed", sentence_file, out, "--quiet",
+                   "--layout", args.layout, "--output-dtype", args.output_dtype, "--dtype", args.dtype]
+        if args.size != "builtin":
+            command += ["--options", str(files[0]), "--weights", str(files[1])]
+        if args.lanes:
+            command += ["--batch-size", str(args.lanes)]
+        start = time.perf_counter()
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        summary = done.stdout.strip().splitlines()[-1]
+        compilations = int(re.search(r"\((\d+) compilations\)", summary).group(1))
+        n_tokens = sum(map(len, sentences))
+        options = BiLMOptions.from_path(files[0])
+        result = {
+            "what": "elmo-jax embed, whole process", "size": args.size, "device": jax.devices()[0].device_kind,
+            "layout": args.layout, "output_dtype": args.output_dtype, "sentences": len(sentences),
+            "tokens": n_tokens, "seconds": round(seconds, 2), "tokens_per_s": round(n_tokens / seconds, 1),
+            "compilations": compilations, "summary": summary,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+            "file_mb": round(os.path.getsize(out) / 2**20, 1),
+            "bilstm_fraction_of_peak": round(lstm_flops(options) * (n_tokens + 2 * len(sentences)) / seconds / peak, 3),
+            "matmul_peak_gflops": round(peak / 1e9, 1),
+        }
+        if args.compare_allennlp or args.compare_tf:
+            from elmo_jax.embed_output import open_embeddings
+
+            with open_embeddings(out) as ours:
+                result.update(compare_peers(args, files, sentence_file,
+                                            lambda i: np.asarray(ours[i], np.float32)))
+    return result
+
+
+def host_benchmark(args, files, sentences, sentence_file) -> dict:
+    """The host side alone: embed_file with a stand-in device step (zeros), as a whole pass."""
+    embedder = Embedder(*files, batch_size=args.lanes, block_steps=args.block_steps, stand_in_device=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        stats = embedder.embed_file(sentence_file, os.path.join(tmp, "out.hdf5"), progress=False,
+                                    layout=args.layout, output_dtype=args.output_dtype, mode=args.mode)
+        seconds = time.perf_counter() - start
+    return {"what": "host side alone (stand-in device step)", "size": args.size, "layout": args.layout,
+            "mode": args.mode, "output_dtype": args.output_dtype, "lanes": embedder.lanes,
+            "sentences": stats["sentences"], "tokens": stats["tokens"], "seconds": round(seconds, 2),
+            "tokens_per_s": round(stats["tokens"] / seconds, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="2x4096_512_2048cnn_2xhighway",
-                        choices=["2x4096_512_2048cnn_2xhighway", "2x2048_256_2048cnn_1xhighway",
-                                 "2x1024_128_2048cnn_1xhighway", "small"])
-    parser.add_argument("--sentences", default=str(SHARED_BENCH / "sentences.txt"))
-    parser.add_argument("--max-sentences", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--size", default="builtin", choices=SIZES)
+    parser.add_argument("--sentences", default=str(SHARED_BENCH / "sentences.txt"),
+                        help="one tokenized sentence per line")
+    parser.add_argument("--max-sentences", type=int, default=200, help="the first N sentences (cycled if fewer)")
+    parser.add_argument("--whole-process", action="store_true", help="time `elmo-jax embed IN OUT` as a process")
+    parser.add_argument("--host-only", action="store_true", help="time the host side with a stand-in device step")
+    parser.add_argument("--lanes", type=int, default=None, help="Embedder batch_size (lanes); default by device")
+    parser.add_argument("--block-steps", type=int, default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--layout", choices=["allennlp", "packed"], default="allennlp")
+    parser.add_argument("--output-dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument("--mode", choices=["all", "top", "average", "token"], default="all")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-dedupe-report", action="store_true")
+    parser.add_argument("--peer-batch-size", type=int, default=64)
     parser.add_argument("--weights-dir", default=os.path.join(tempfile.gettempdir(), "elmo-jax-bench-weights"))
     parser.add_argument("--compare-allennlp", action="store_true")
     parser.add_argument("--allennlp-python", default="/tmp/elmo-bench-venv/bin/python",
@@ -101,76 +223,20 @@ def main() -> None:
                         help="python of the venv made by ../shared/bench/setup.sh --tf")
     args = parser.parse_args()
 
-    weights = make_weights(args.size, pathlib.Path(args.weights_dir))
+    files = model_files(args.size, pathlib.Path(args.weights_dir))
     with open(args.sentences, encoding="utf-8") as f:
-        sentences = [line.split() for line in f.read().splitlines()][: args.max_sentences]
-    n_tokens = sum(map(len, sentences))
-
-    peak = matmul_peak_flops()
-    load_start = time.perf_counter()
-    embedder = Embedder(weights / "options.json", weights / "weights.hdf5", batch_size=args.batch_size,
-                        dtype=args.dtype)
-    load_seconds = time.perf_counter() - load_start
-
-    start = time.perf_counter()
-    outputs = list(embedder.embed_sentences(sentences))  # first pass: compiles every shape it meets
-    first_pass = time.perf_counter() - start
-    passes = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        for _ in embedder.embed_sentences(sentences):
-            pass
-        passes.append(time.perf_counter() - start)
-    seconds = min(passes)
-
-    # FLOPs actually needed: the LSTM for every token and <S>/</S>, the token layer once per distinct
-    # token of each batch (what dedupe leaves), padding not counted.
-    options = embedder.options
-    distinct, n_batches = 0, 0
-    window = args.batch_size * embedder.window_batches
-    for first in range(0, len(sentences), window):  # the Embedder's batches: each window longest first
-        chunk = sentences[first : first + window]
-        order = sorted(range(len(chunk)), key=lambda p: -len(chunk[p]))
-        for start in range(0, len(order), args.batch_size):
-            distinct += len({t for p in order[start : start + args.batch_size] for t in chunk[p]}) + 2
-            n_batches += 1
-    flops = lstm_flops(options) * (n_tokens + 2 * len(sentences)) + token_layer_flops(options) * distinct
-    result = {
-        "impl": "elmo_jax",
-        "size": args.size,
-        "device": jax.devices()[0].device_kind,
-        "n_devices": jax.device_count(),
-        "dtype": args.dtype,
-        "batch_size": args.batch_size,
-        "sentences": len(sentences),
-        "tokens": n_tokens,
-        "batches": n_batches,
-        "distinct_tokens_per_batch": round(distinct / n_batches, 1),
-        "seconds": round(seconds, 4),
-        "seconds_all": [round(s, 4) for s in passes],
-        "tokens_per_s": round(n_tokens / seconds, 1),
-        "compilations": embedder.compilations,
-        "compile_seconds": round(first_pass - seconds, 2),
-        "load_seconds": round(load_seconds, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "model_gflop_per_token": round(flops / n_tokens / 1e9, 3),
-        "model_gflops": round(flops / seconds / 1e9, 1),
-        "matmul_peak_gflops": round(peak / 1e9, 1),
-        "fraction_of_peak": round(flops / seconds / peak, 3),
-    }
-    peers = [("allennlp", "ref_allennlp.py", args.allennlp_python)] if args.compare_allennlp else []
-    peers += [("tf", "ref_tf.py", args.tf_python)] if args.compare_tf else []
-    for name, script, python in peers:
-        with tempfile.TemporaryDirectory() as tmp:
-            reference = run_peer(script, python, weights, args.sentences, args, os.path.join(tmp, "ref.hdf5"))
-            with h5py.File(os.path.join(tmp, "ref.hdf5"), "r") as f:
-                diff = max(float(np.abs(f[str(i)][...] - out).max()) for i, out in enumerate(outputs))
-        result.update({
-            f"{name}_tokens_per_s": reference["tokens_per_s"],
-            f"{name}_seconds_all": reference["seconds_all"],
-            f"speedup_vs_{name}": round(result["tokens_per_s"] / reference["tokens_per_s"], 2),
-            f"max_abs_diff_vs_{name}": diff,
-        })
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    lines = (lines * (-(-args.max_sentences // len(lines))))[: args.max_sentences]
+    with tempfile.TemporaryDirectory() as tmp:
+        sentence_file = os.path.join(tmp, "sentences.txt")
+        with open(sentence_file, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        sentences = [line.split() for line in lines]
+        run = host_benchmark if args.host_only else whole_process_benchmark if args.whole_process else model_benchmark
+        result = run(args, files, sentences, sentence_file)
+    for name in ("allennlp", "tf"):
+        if f"{name}_tokens_per_s" in result:
+            result[f"speedup_vs_{name}"] = round(result["tokens_per_s"] / result[f"{name}_tokens_per_s"], 2)
     print(json.dumps(result), flush=True)
 
 

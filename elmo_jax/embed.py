@@ -1,26 +1,27 @@
 """Embedding text at speed: ``Embedder`` (AllenNLP's ``ElmoEmbedder``) over the pure biLM functions.
 
-How a stream of sentences is embedded:
-1. Read a window of sentences, sort them longest first and cut them into batches of ``batch_size``.
-2. Dedupe tokens: the char CNN + highway run once per distinct token of the batch (plus <S>, </S>),
-   padded to a bucketed count; with a vocabulary cache, known tokens skip even that.
-3. The biLSTM runs in time blocks of ``block_steps`` steps, and each block carries only the rows whose
-   sentences are still running (a prefix, since rows are sorted longest first), rounded up to a few row
-   counts. The backward LM reads each sentence reversed within its own length, so in both directions a
-   row is active on a prefix of the time axis and a finished row costs nothing. This is what AllenNLP
-   gets from shrinking its batch as sentences end; here the shapes stay static (one compiled program per
-   row count), so padding costs at most one block per sentence instead of the batch's longest sentence.
-4. The biLM runs stateless from zero state, so no number depends on batching, order or neighbours.
-5. Rows are split across the local devices (``jax.sharding`` mesh); blocks are dispatched
-   asynchronously, so the host assembles one batch while the devices work on the next.
+How a stream of sentences is embedded (packed lanes, as continuous batching in LLM serving):
+1. A background thread reads windows of sentences, dedupes their tokens against the token table (the
+   token vectors that live on the device; new tokens go through the char CNN + highway in a few bucketed
+   sizes) and packs the sentences into lanes (``lanes.py``): each lane is a stream of sentences back to
+   back, longest first into the lane that frees up first.
+2. The biLSTM runs the lanes in blocks of ``block_steps`` steps, one compiled program per (lanes, steps,
+   mode) whatever the corpus. A reset flag beside the mask zeroes a lane's state where a sentence starts,
+   so every sentence is computed exactly as if alone from zero state (stateless). The backward LM reads
+   each sentence reversed within its slot. State, gathers and outputs stay inside the jitted block.
+3. Blocks are dispatched asynchronously; while the devices run block k + 1, the host copies block k into a
+   ring of recent steps, gathers the sentences it finishes and hands them out in input order.
+4. Lanes are split across the local devices (``jax.sharding`` mesh).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
-import json
 import os
+import queue
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -30,81 +31,31 @@ import numpy as np
 
 from . import char_cnn
 from .bilm import COMPUTE_DTYPES, BiLM, bilstm, initial_state, stacked_lstm_params, token_embedding
-from .char_cnn import long_tokens
-from .characters import BOS_TOKEN, EOS_TOKEN, PAD_CHAR, TokenError, token_to_char_ids
+from .characters import TokenError, token_to_char_ids
+from .lanes import Block, OutputRing, Timeline, TokenTable, flat_token_ids
 from .options import BiLMOptions
 from .sharding import by_batch, data_mesh, replicated, round_up
-from .weights import write_atomic
 
 OUTPUT_MODES = ("all", "top", "average", "token")
-PAD_ID = PAD_CHAR + 1  # char ids are +1 shifted
-BLOCK_STEPS = 8
-CHAR_ID_CACHE_SIZE = 200_000  # words whose char ids are kept (~60 MB)
+LANES = {"cpu": 128}  # lanes in all on a CPU; elsewhere LANES_PER_ACCELERATOR per device
+LANES_PER_ACCELERATOR = 1024
+BLOCK_STEPS = {"cpu": 32}  # elsewhere 64
+TABLE_BYTES = 64 << 20  # token table on the device (rows of projection_dim), at least TABLE_MIN_ROWS rows
+TABLE_MIN_ROWS = 8192
+INSERT_SIZES = {"short": (64, 256, 1024), "long": (16, 128)}  # new tokens per char-CNN call
+WINDOW_PER_LANE = 8  # sentences read and packed at a time, per lane
+IN_FLIGHT = 2  # blocks dispatched ahead of the one being copied back
 
 
-def block_rows(n: int, n_devices: int = 1) -> int:
-    """Rows a block with n running sentences is padded to: 1, 2, 4, 8, then multiples of 8, then of 32 above
-    128 (few row counts, so few compiled programs), divisible by the device count."""
-    if n <= 8:
-        rows = 1
-        while rows < n:
-            rows *= 2
-    else:
-        rows = round_up(n, 8 if n <= 128 else 32)
-    return round_up(rows, n_devices)
-
-
-def plan_blocks(lengths: Sequence[int], block_steps: int, n_devices: int = 1) -> list[tuple[int, int]]:
-    """Time blocks of a batch whose rows are sorted longest first.
-
-    Args:
-      lengths: steps of each row (tokens + <S> + </S>), non-increasing.
-    Returns:
-      [(first step, rows)] for blocks of ``block_steps`` steps: the block needs the rows still running at its
-      first step (a prefix of the batch), padded by ``block_rows`` and never more than the batch's rows.
-    """
-    padded_batch = block_rows(len(lengths), n_devices)
-    blocks = []
-    for start in range(0, lengths[0], block_steps):
-        running = sum(1 for length in lengths if length > start)
-        blocks.append((start, min(block_rows(running, n_devices), padded_batch)))
-    return blocks
-
-
-def count_bucket(n: int, minimum: int = 64) -> int:
-    """Pad a count of distinct tokens to a multiple of ``minimum`` up to 8x it, then of 2x, 4x, ... (at most
-    ~12% padding above 8x, ~25% below it), so a few compiled token-layer programs cover every batch."""
-    step = minimum
-    while n > 8 * step:
-        step *= 2
-    return round_up(n, step)
+def default_lanes(platform: str, n_devices: int) -> int:
+    """Lanes for a device kind: a CPU wants ~64-256 in all, an accelerator thousands."""
+    return round_up(LANES.get(platform, LANES_PER_ACCELERATOR * n_devices), n_devices)
 
 
 def short_token_chars(options: BiLMOptions) -> int:
     """Char positions that suffice for a short token (see ``char_cnn.short_token_chars``)."""
     return char_cnn.short_token_chars([width for width, _ in options.char_cnn.filters],
                                       options.char_cnn.max_characters_per_token)
-
-
-class PreparedBatch:
-    """Host arrays for one batch, rows sorted longest first.
-
-    positions: the window positions of the rows; lengths: tokens per row (without <S>, </S>);
-    short_char_ids: (short distinct, short_token_chars) the first char ids of the batch's short tokens, rows 0
-    and 1 are <S> and </S>; long_char_ids: (long distinct, max_chars) or None, the other tokens;
-    forward_index: (rows, steps) int32, each row's tokens with <S>/</S> as indices into [short tokens, long
-    tokens, cached vocabulary]; backward_index: the same reversed within each row's length; mask: (rows,
-    steps) bool; blocks: plan_blocks.
-    """
-
-    __slots__ = ("positions", "lengths", "short_char_ids", "long_char_ids", "forward_index", "backward_index",
-                 "mask", "blocks")
-
-    def __init__(self, positions, lengths, short_char_ids, long_char_ids, forward_index, backward_index, mask,
-                 blocks):
-        self.positions, self.lengths = positions, lengths
-        self.short_char_ids, self.long_char_ids = short_char_ids, long_char_ids
-        self.forward_index, self.backward_index, self.mask, self.blocks = forward_index, backward_index, mask, blocks
 
 
 def _reduce_layers(activations: jax.Array, mode: str, weights: jax.Array | None) -> jax.Array:
@@ -121,46 +72,44 @@ def _reduce_layers(activations: jax.Array, mode: str, weights: jax.Array | None)
 
 
 def token_layer(forward_x: jax.Array, backward_x: jax.Array, mask: jax.Array) -> jax.Array:
-    """Layer 0 of a block: (rows, steps, projection_dim) twice -> (rows, steps, 2 * projection_dim), zero at padding."""
+    """Layer 0 of a block: (lanes, steps, projection_dim) twice -> (lanes, steps, 2 * projection_dim), 0 at padding."""
     return jnp.concatenate([forward_x, backward_x], axis=-1) * mask[..., None].astype(forward_x.dtype)
 
 
-def embed_block(params: dict, options: BiLMOptions, forward_x: jax.Array, backward_x: jax.Array, mask: jax.Array,
-                state, mode: str = "all", weights: jax.Array | None = None):
-    """One time block of the stateless biLM over the running rows of a batch.
+def insert_tokens(params: dict, options: BiLMOptions, table: jax.Array, rows: jax.Array,
+                  char_ids: jax.Array) -> jax.Array:
+    """The token table with the vectors of new tokens written in.
 
     Args:
-      forward_x: (rows, steps, projection_dim) token vectors; backward_x: the same rows' tokens reversed
-      within each sentence; mask: (rows, steps) bool; state: BiLMState of (rows, ...) at the block's start.
+      table: (capacity, projection_dim); rows: (tokens,) int32, a row >= capacity is a padding entry (dropped);
+      char_ids: (tokens, chars) with chars = max_characters_per_token, or ``short_token_chars`` for short tokens.
+    """
+    vectors = token_embedding(params, options, char_ids).astype(table.dtype)
+    return table.at[rows].set(vectors, mode="drop")
+
+
+def embed_block(params: dict, options: BiLMOptions, table: jax.Array, state, forward: jax.Array,
+                backward: jax.Array, reset: jax.Array, mask: jax.Array, mode: str = "all",
+                weights: jax.Array | None = None):
+    """One block of the packed, stateless biLM.
+
+    Args:
+      table: (capacity, projection_dim) token vectors; forward, backward: (lanes, steps) int32 table rows,
+      the backward LM's reversed within each sentence's slot; reset, mask: (lanes, steps) bool; state: BiLMState
+      of (lanes, ...) at the block's first step.
     Returns:
-      float32 (layers, rows, steps, 2 * projection_dim) for mode "all", else (rows, steps, 2 * projection_dim);
-      the last axis is [forward at step t, backward at reversed step t]; and the state after the block.
+      float32 (layers, lanes, steps, 2 * projection_dim) for mode "all", else (lanes, steps, 2 * projection_dim),
+      the last axis [forward at step t, backward at step t of the reversed slot]; and the state after the block.
     """
-    outputs, state = bilstm(params["lstm"], options, forward_x, mask, state, backward_x=backward_x)
-    # (layers, rows, steps, 2 * projection_dim)
-    activations = jnp.stack([token_layer(forward_x, backward_x, mask), *outputs])
+    forward_x = jnp.take(table, forward, axis=0)  # (lanes, steps, projection_dim)
+    backward_x = jnp.take(table, backward, axis=0)
+    layers = [token_layer(forward_x, backward_x, mask)]
+    if mode != "token":  # the context-free layer needs no LSTM
+        outputs, state = bilstm(params["lstm"], options, forward_x, mask, state, backward_x=backward_x, reset=reset,
+                               fuse_inputs=True)
+        layers += outputs
+    activations = jnp.stack(layers)  # (layers, lanes, steps, 2 * projection_dim)
     return _reduce_layers(activations, mode, weights).astype(jnp.float32), state
-
-
-def assemble_rows(blocks: list[tuple[int, np.ndarray]], lengths: Sequence[int],
-                  projection_dim: int) -> list[np.ndarray]:
-    """Block outputs -> each sentence's (..., tokens, 2 * projection_dim) in sentence order, <S>/</S> dropped.
-
-    blocks: [(first step, (..., block rows, steps, 2 * projection_dim))], rows sorted as ``lengths``.
-    The backward half of row r at step t belongs to token position length + 1 - t (reversed within the row).
-    """
-    _, first = blocks[0]
-    steps = first.shape[-2]
-    lead, rows = first.shape[:-3], first.shape[-3]
-    full = np.zeros((*lead, rows, len(blocks) * steps, 2 * projection_dim), np.float32)
-    for start, block in blocks:
-        full[..., : block.shape[-3], start : start + steps, :] = block
-    out = []
-    for row, n in enumerate(lengths):
-        forward = full[..., row, 1 : n + 1, :projection_dim]
-        backward = full[..., row, n:0:-1, projection_dim:]  # reversed step t holds position n + 1 - t
-        out.append(np.concatenate([forward, backward], axis=-1))
-    return out
 
 
 class Embedder:
@@ -175,150 +124,91 @@ class Embedder:
     Args:
       options_file, weight_file: a biLM in the bilm-tf / AllenNLP layout (both or neither).
       model: an already loaded BiLM instead of files.
-      batch_size: sentences per batch (memory; the numbers do not depend on it).
+      batch_size: lanes, the sentences run side by side (default by device kind: 128 on a CPU, 1024 per
+        accelerator); speed and memory only, the numbers do not depend on it. A short input uses fewer.
       dtype: "float32" or "bfloat16" compute (outputs are float32 either way).
-      devices: the devices whose mesh splits each batch's rows (default all local devices).
-      vocab: words whose token vectors are computed once and cached (AllenNLP's vocab_to_cache).
-      window_batches: batches of sentences read and sorted by length at a time (memory stays bounded).
-      block_steps: time steps per biLSTM block; finished rows drop out between blocks.
+      devices: the devices whose mesh splits the lanes (default all local devices).
+      vocab: words whose token vectors are computed once and kept (AllenNLP's vocab_to_cache).
+      block_steps: time steps per compiled biLSTM block (default 32 on a CPU, 64 elsewhere).
+      stand_in_device: replace every device computation by zeros, to time the host side alone
+        (``benchmarks/bench_embed.py --host-only``); the outputs are then meaningless.
     """
 
     def __init__(self, options_file: str | os.PathLike | None = None, weight_file: str | os.PathLike | None = None,
-                 *, model: BiLM | None = None, batch_size: int = 64, dtype: str = "float32", devices=None,
-                 vocab: Iterable[str] | None = None, window_batches: int = 16, block_steps: int = BLOCK_STEPS):
+                 *, model: BiLM | None = None, batch_size: int | None = None, dtype: str = "float32", devices=None,
+                 vocab: Iterable[str] | None = None, block_steps: int | None = None, stand_in_device: bool = False):
         if model is None:
             if (options_file is None) != (weight_file is None):
                 raise ValueError("Embedder needs both options_file and weight_file, or neither (the built-in "
                                  "English model), or model=BiLM")
             model = BiLM.pretrained() if options_file is None else BiLM.from_hdf5(options_file, weight_file)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, found {batch_size}")
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, found {dtype!r}")
-        if block_steps < 1 or window_batches < 1:
-            raise ValueError(f"block_steps and window_batches must be >= 1, found {block_steps}, {window_batches}")
         self.model, self.options = model, model.options
-        self.batch_size, self.dtype, self.block_steps = batch_size, COMPUTE_DTYPES[dtype], block_steps
-        self.window_batches = window_batches
         self.mesh = data_mesh(devices)
         self.n_devices = self.mesh.devices.size
+        self.platform = self.mesh.devices.flat[0].platform
+        self.lanes = _check_positive("batch_size", batch_size) or default_lanes(self.platform, self.n_devices)
+        self.block_steps = _check_positive("block_steps", block_steps) or BLOCK_STEPS.get(self.platform, 64)
+        self.dtype, self.stand_in_device = COMPUTE_DTYPES[dtype], stand_in_device
         compute_params = jax.tree.map(lambda p: p.astype(self.dtype), model.params)
         compute_params["lstm"] = stacked_lstm_params(compute_params["lstm"])  # once, not in every block call
         self.params = jax.device_put(compute_params, replicated(self.mesh))
-        self._char_ids: dict[str, np.ndarray] = {}
-        self.compilations = 0  # programs traced so far: one per (rows, mode) block shape, one per token count
         self.short_chars = short_token_chars(self.options)
-        self._vectors = jax.jit(self._traced_vectors)
-        self._gather = jax.jit(self._traced_gather)
-        self._block = jax.jit(self._traced_block, static_argnames=("mode",), donate_argnums=(3,))
-        self.cache_words: dict[str, int] = {}
-        self.cache = None
-        if vocab is not None:
-            words = [w for w in dict.fromkeys(vocab) if w not in (BOS_TOKEN, EOS_TOKEN)]
-            self.cache_words = {w: i for i, w in enumerate(words)}
-            self.cache = jax.device_put(jnp.asarray(model.embed_vocabulary(words)), replicated(self.mesh))
+        self.compilations = 0  # programs traced so far (each jitted piece counts once per shape)
+        self._insert = jax.jit(self._traced_insert, donate_argnums=(1,))
+        self._permute = jax.jit(self._traced_permute)
+        self._block = jax.jit(self._traced_block, static_argnames=("mode",), donate_argnums=(2,))
+        pinned = [] if vocab is None else list(vocab)
+        projection_dim = self.options.lstm.projection_dim
+        capacity = max(TABLE_BYTES // (projection_dim * np.dtype(self.dtype).itemsize), TABLE_MIN_ROWS,
+                       4 * len(pinned) + 4)
+        self._tokens = TokenTable(capacity, pinned)  # the host's map of the device table below
+        self._capacity = capacity
+        self._table = self._new_table(capacity)
+        self._table_lock = threading.Lock()  # one stream at a time uses (and extends) the shared table
+        self._table = self._fill(self._table, 0, self._tokens.tokens)
 
     # ----- jitted pieces (each traced once per shape) -----
-    def _traced_vectors(self, params, char_ids):
+    def _traced_insert(self, params, table, rows, char_ids):
         self.compilations += 1  # runs once per compilation, not per call
-        return token_embedding(params, self.options, char_ids)
+        return insert_tokens(params, self.options, table, rows, char_ids)
 
-    def _traced_gather(self, vectors, forward_index, backward_index):
+    def _traced_permute(self, table, new_to_old):
         self.compilations += 1
-        return jnp.take(vectors, forward_index, axis=0), jnp.take(vectors, backward_index, axis=0)
+        return jnp.take(table, new_to_old, axis=0)
 
-    def _traced_block(self, params, forward_x, backward_x, state, mask, weights, *, mode):
+    def _traced_block(self, params, table, state, forward, backward, reset, mask, weights, *, mode):
         self.compilations += 1
-        return embed_block(params, self.options, forward_x, backward_x, mask, state, mode, weights)
+        return embed_block(params, self.options, table, state, forward, backward, reset, mask, mode, weights)
 
-    # ----- host side -----
-    def _token_ids(self, token: str) -> np.ndarray:
-        ids = self._char_ids.get(token)
-        if ids is None:
-            if len(self._char_ids) >= CHAR_ID_CACHE_SIZE:  # memory stays bounded on any corpus
-                self._char_ids.clear()
-            ids = self._char_ids[token] = token_to_char_ids(token, self.options.char_cnn.max_characters_per_token)
-        return ids
+    # ----- device side: the token table and the blocks -----
+    def _new_table(self, capacity: int) -> jax.Array:
+        """(capacity, projection_dim) zeros on every device of the mesh."""
+        return jax.device_put(np.zeros((capacity, self.options.lstm.projection_dim), self.dtype),
+                              replicated(self.mesh))
 
-    def prepare(self, sentences: Sequence[Sequence[str]], positions: Sequence[int]) -> PreparedBatch:
-        """Dedupe and lay out one batch: host arrays of PreparedBatch, rows padded by ``block_rows``.
-
-        ``positions`` index ``sentences`` and must be sorted longest first."""
-        lengths = np.array([len(sentences[p]) for p in positions])
-        if np.any(lengths[1:] > lengths[:-1]):
-            raise ValueError("prepare needs positions sorted longest first")
-        steps = lengths + 2  # with <S> and </S>
-        blocks = plan_blocks(steps.tolist(), self.block_steps, self.n_devices)
-        rows = blocks[0][1]
-        short, long = [BOS_TOKEN, EOS_TOKEN], []
-        seen = set(short)
-        for p in positions:
-            for token in sentences[p]:
-                if token not in seen and token not in self.cache_words:
-                    seen.add(token)
-                    ids = self._token_ids(token)
-                    is_short = self.short_chars == len(ids) or not long_tokens(ids)
-                    (short if is_short else long).append(token)
-        n_short = round_up(count_bucket(len(short)), self.n_devices)
-        n_long = round_up(count_bucket(len(long), 8), self.n_devices) if long else 0
-        index = {token: i for i, token in enumerate(short)}
-        index.update((token, n_short + i) for i, token in enumerate(long))
-        cached = n_short + n_long  # cache rows follow the computed tokens
+    def _fill(self, table, first_row: int, new: list[str]):
+        """Write the vectors of ``new`` tokens (rows first_row, ...) into the device table, in bucketed calls."""
+        if self.stand_in_device or not new:
+            return table
         max_chars = self.options.char_cnn.max_characters_per_token
-        short_char_ids = np.zeros((n_short, self.short_chars), np.int32)
-        for i, token in enumerate(short):
-            short_char_ids[i] = self._token_ids(token)[: self.short_chars]
-        long_char_ids = None
-        if long:
-            long_char_ids = np.zeros((n_long, max_chars), np.int32)
-            for i, token in enumerate(long):
-                long_char_ids[i] = self._token_ids(token)
-        total_steps = len(blocks) * self.block_steps
-        forward_index = np.zeros((rows, total_steps), np.int32)
-        backward_index = np.zeros((rows, total_steps), np.int32)
-        mask = np.zeros((rows, total_steps), bool)
-        for row, p in enumerate(positions):
-            ids = [0] + [index[t] if t in index else cached + self.cache_words[t] for t in sentences[p]] + [1]
-            forward_index[row, : len(ids)] = ids
-            backward_index[row, : len(ids)] = ids[::-1]
-            mask[row, : len(ids)] = True
-        return PreparedBatch(list(positions), lengths, short_char_ids, long_char_ids, forward_index, backward_index,
-                             mask, blocks)
-
-    def run(self, batch: PreparedBatch, mode: str | Sequence[float] = "all") -> list[tuple[int, jax.Array]]:
-        """Dispatch one prepared batch to the devices (asynchronous).
-
-        Returns [(first step, block output)], each output (layers, rows, block_steps, 2 * projection_dim) for mode
-        "all", else (rows, block_steps, 2 * projection_dim), rows shrinking block by block; see assemble_rows."""
-        mode, weights = self._mode(mode)
-        shard = by_batch(self.mesh)
-        parts = [self._vectors(self.params, jax.device_put(batch.short_char_ids, shard))]
-        if batch.long_char_ids is not None:
-            parts.append(self._vectors(self.params, jax.device_put(batch.long_char_ids, shard)))
-        if self.cache is not None:
-            parts.append(self.cache.astype(self.dtype))
-        vectors = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-        if mode == "token":  # the context-free layer needs no LSTM: one block covering every step
-            rows, total = batch.forward_index.shape
-            blocks = [(0, rows, total)]
-        else:
-            blocks = [(start, rows, self.block_steps) for start, rows in batch.blocks]
-        state, outputs = None, []
-        for start, rows, steps in blocks:
-            window = (slice(0, rows), slice(start, start + steps))
-            forward_x, backward_x = self._gather(vectors, jax.device_put(batch.forward_index[window], shard),
-                                                 jax.device_put(batch.backward_index[window], shard))
-            mask = jax.device_put(batch.mask[window], shard)
-            if mode == "token":
-                outputs.append((start, token_layer(forward_x, backward_x, mask).astype(jnp.float32)))
-                continue
-            if state is None:
-                state = initial_state(self.options, rows, self.dtype)
-            elif state["forward"][0].h.shape[0] != rows:  # rows that have finished drop out
-                state = jax.tree.map(lambda a, n=rows: a[:n], state)
-            out, state = self._block(self.params, forward_x, backward_x, state, mask, weights, mode=mode)
-            outputs.append((start, out))
-        return outputs
+        char_ids = np.stack([token_to_char_ids(t, max_chars) for t in new])  # (new, max_chars)
+        rows = np.arange(first_row, first_row + len(new), dtype=np.int32)
+        is_long = char_cnn.long_tokens(char_ids) if self.short_chars < max_chars else np.ones(len(new), bool)
+        for kind, chosen, width in (("short", ~is_long, self.short_chars), ("long", is_long, max_chars)):
+            ids, where = char_ids[chosen, :width], rows[chosen]
+            sizes = INSERT_SIZES[kind]
+            for start in range(0, len(ids), sizes[-1]):
+                count = min(sizes[-1], len(ids) - start)
+                size = next(s for s in sizes if s >= count)
+                chunk_ids = np.zeros((size, width), np.int32)
+                chunk_ids[:count] = ids[start : start + count]
+                chunk_rows = np.full(size, table.shape[0], np.int32)  # padding entries are dropped
+                chunk_rows[:count] = where[start : start + count]
+                table = self._insert(self.params, table, *jax.device_put((chunk_rows, chunk_ids),
+                                                                         replicated(self.mesh)))
+        return table
 
     def _mode(self, mode):
         if isinstance(mode, str):
@@ -329,7 +219,7 @@ class Embedder:
         if weights.shape != (self.options.n_representation_layers,):
             raise ValueError(f"mode weights need one value per layer ({self.options.n_representation_layers}), "
                              f"found {list(mode)}")
-        return "weighted", jnp.asarray(weights)
+        return "weighted", jax.device_put(weights, replicated(self.mesh))
 
     # ----- public API -----
     def embed_sentence(self, tokens: Sequence[str], mode: str | Sequence[float] = "all") -> np.ndarray:
@@ -341,97 +231,339 @@ class Embedder:
                         allow_empty: bool = False) -> Iterator[np.ndarray]:
         """Embed a stream of tokenized sentences; yields one array per sentence, in input order.
 
-        Memory stays bounded for any corpus (a window of ``window_batches`` batches at a time). An empty
-        sentence raises TokenError naming its index, or with ``allow_empty`` yields an array with 0 tokens.
+        Memory stays bounded for any corpus (a few windows of sentences at a time). An empty sentence raises
+        TokenError naming its index, or with ``allow_empty`` yields an array with 0 tokens (NaN sentence vector).
+        ``batch_size``: lanes for this call (default the Embedder's).
         """
-        batch_size = self.batch_size if batch_size is None else batch_size
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, found {batch_size}")
-        self._mode(mode)
-        stream = iter(sentences)
-        start = 0
-        while True:
-            window = list(itertools.islice(stream, batch_size * self.window_batches))
-            if not window:
-                return
-            for offset, sentence in enumerate(window):
-                _check_sentence(sentence, start + offset, allow_empty)
-            yield from self._embed_window(window, mode, sentence_vectors, batch_size)
-            start += len(window)
+        lanes = _check_positive("batch_size", batch_size) or self.lanes
+        mode, weights = self._mode(mode)
+        shared = self._table_lock.acquire(blocking=False)
+        if shared:
+            tokens, device = self._tokens, _DeviceTable(self._table)
+        else:  # another stream is running on this Embedder: a private table
+            tokens = TokenTable(self._capacity, self._tokens.tokens[2 : self._tokens.n_pinned])
+            device = _DeviceTable(self._fill(self._new_table(self._capacity), 0, tokens.tokens))
+        stream = _Stream(self, sentences, lanes, tokens, allow_empty)
+        completed = False
+        try:
+            yield from self._run(stream, device, mode, weights, sentence_vectors)
+            completed = True
+        finally:
+            stream.stop()
+            if shared:
+                self._table = device.table  # the last table (earlier ones were donated to the updates)
+                if not completed:  # the host map may name rows the device never received: keep the pinned rows
+                    tokens.compact(np.zeros(0, np.int32))
+                self._table_lock.release()
 
-    def _embed_window(self, window, mode, sentence_vectors, batch_size: int) -> Iterator[np.ndarray]:
-        results: list[np.ndarray | None] = [None] * len(window)
-        order = sorted((p for p in range(len(window)) if len(window[p]) > 0), key=lambda p: -len(window[p]))
-        in_flight = None
-        for start in range(0, len(order), batch_size):
-            batch = self.prepare(window, order[start : start + batch_size])
-            outputs = self.run(batch, mode)  # asynchronous: the previous batch is assembled meanwhile
-            if in_flight is not None:
-                self._collect(*in_flight, results, sentence_vectors)
-            in_flight = (batch, outputs)
-        if in_flight is not None:
-            self._collect(*in_flight, results, sentence_vectors)
-        layers, dim = self.options.n_representation_layers, self.options.output_dim
-        for p, result in enumerate(results):
-            if result is None:  # an allowed empty sentence
-                shape = (layers, 0, dim) if mode == "all" else (0, dim)
-                result = np.zeros(shape, np.float32)
-                if sentence_vectors:
-                    result = np.full(shape[:-2] + (dim,), np.nan, np.float32)
-            yield result
+    def _run(self, stream: _Stream, device: _DeviceTable, mode: str, weights, sentence_vectors: bool):
+        layers, width = self.options.n_representation_layers, self.options.output_dim
+        lead = (layers,) if mode == "all" else ()
+        shard = by_batch(self.mesh)
+        results: dict[int, np.ndarray] = {}
+        next_index = 0
+        in_flight: collections.deque = collections.deque()
+        ring = state = None
 
-    def _collect(self, batch: PreparedBatch, outputs, results, sentence_vectors: bool) -> None:
-        blocks = [(start, np.asarray(out)) for start, out in outputs]
-        for p, value in zip(batch.positions, assemble_rows(blocks, batch.lengths, self.options.lstm.projection_dim)):
-            results[p] = value.mean(axis=-2) if sentence_vectors else value
+        def collect(output):
+            for index, value in ring.add(np.asarray(output)):
+                results[index] = value.mean(axis=-2) if sentence_vectors else value
+
+        for kind, item in stream:
+            if kind == "block":
+                block: Block = item
+                arrays = (block.forward, block.backward, block.reset, block.mask)
+                if self.stand_in_device:
+                    output = np.zeros((*lead, ring.lanes, self.block_steps, width), np.float32)
+                else:
+                    output, state = self._block(self.params, device.table, state, *jax.device_put(arrays, shard),
+                                                weights, mode=mode)
+                in_flight.append(output)
+                if len(in_flight) > IN_FLIGHT:
+                    collect(in_flight.popleft())
+            elif kind == "slots":
+                ring.expect(item)
+            elif kind == "insert":
+                first_row, new = item
+                device.table = self._fill(device.table, first_row, new)
+            elif kind == "permute":
+                if not self.stand_in_device:
+                    device.table = self._permute(device.table, jax.device_put(item, replicated(self.mesh)))
+            elif kind == "grow":
+                if not self.stand_in_device:
+                    grown = jnp.pad(device.table, ((0, item - device.table.shape[0]), (0, 0)))
+                    device.table = jax.device_put(grown, replicated(self.mesh))
+            elif kind == "empty":
+                empty = np.zeros((*lead, 0, width), np.float32)
+                for index in item:
+                    results[index] = np.full((*lead, width), np.nan, np.float32) if sentence_vectors else empty
+            elif kind == "lanes":
+                ring = OutputRing(lead, item, self.block_steps, width)
+                state = jax.device_put(initial_state(self.options, item, self.dtype), shard)
+            elif kind == "end":
+                while in_flight:
+                    collect(in_flight.popleft())
+            while next_index in results:
+                yield results.pop(next_index)
+                next_index += 1
 
     def embed_file(self, input_file, output_file: str | os.PathLike, mode: str | Sequence[float] = "all",
-                   batch_size: int | None = None, empty_lines: str = "error", progress: bool = True) -> dict:
-        """Embed a file of tokenized sentences (one per line) into HDF5 in the layout of AllenNLP's ``elmo`` command.
+                   batch_size: int | None = None, empty_lines: str = "error", progress: bool = True,
+                   tokenizer: str = "whitespace", layout: str = "allennlp", output_dtype: str = "float32",
+                   model_name: str | None = None, lines: tuple[int, int] | None = None) -> dict:
+        """Embed a file of sentences (one per line) into HDF5.
 
-        Datasets "0", "1", ... (line index) hold (layers, n, dim) or (n, dim) float32, and
-        "sentence_to_index" holds JSON {sentence: "index"}. The file is written under a temporary name and
-        renamed when complete: an error or interruption leaves no output file. ``empty_lines``: "error"
-        (default; the message names the line) or "skip" (an empty line gets a dataset with 0 tokens).
-        ``input_file``: a path, "-" for stdin, or an open binary file (any iterable of lines).
+        ``layout="allennlp"`` (default): the layout of AllenNLP's ``elmo`` command, datasets "0", "1", ... (line
+        index) of (layers, n, dim) or (n, dim) and "sentence_to_index" (JSON {sentence: "index"}).
+        ``layout="packed"``: one chunked dataset of all tokens' vectors with per-sentence offsets (see
+        ``embed_output``); ``open_embeddings`` reads both. The file is written under a temporary name and renamed
+        when complete: an error or interruption leaves no output file. ``empty_lines``: "error" (default; the
+        message names the line) or "skip" (a dataset with 0 tokens). ``tokenizer``: "whitespace" (the line is
+        already tokenized) or "moses" (raw text, tokenized as the 1B Word Benchmark; needs sacremoses).
+        ``input_file``: a path, "-" for stdin, or an open binary file (any iterable of lines). ``lines``: only
+        lines [first, last) (0-based) are embedded, indexed from 0 (one process's share of a file).
         Returns counts and timings.
         """
+        from .embed_output import EmbeddingWriter, check_output_options
+        from .tokenize import get_tokenizer
+        from .weights import write_atomic
+
         if empty_lines not in ("error", "skip"):
             raise ValueError(f"empty_lines must be 'error' or 'skip', found {empty_lines!r}")
+        check_output_options(layout, output_dtype)
+        tokenize = get_tokenizer(tokenizer)
+        mode_name = mode if isinstance(mode, str) else "weighted " + ",".join(f"{w:g}" for w in mode)
+        self._mode(mode)
         import h5py
 
         stats = {"sentences": 0, "tokens": 0, "seconds": 0.0}
         index: dict[str, str] = {}
-        lines = _read_lines(input_file)
+        total = count_lines(input_file) if isinstance(input_file, (str, os.PathLike)) and input_file != "-" else None
+        first, last = lines if lines is not None else (0, None)
+        if total is not None:
+            total = (total if last is None else min(last, total)) - first
 
         def tokenized():
-            for number, text in lines:
-                tokens = text.split()
+            for number, text in itertools.islice(_read_lines(input_file), first, last):
+                tokens = tokenize(text)
                 if not tokens and empty_lines == "error":
                     raise TokenError(f"{_name(input_file)}: line {number} is empty; remove it or use "
                                      f"empty_lines='skip' (--empty-lines skip)")
-                index[text.strip()] = str(number - 1)  # a repeated sentence maps to its last line, as AllenNLP
+                index[text.strip()] = str(number - 1 - first)  # a repeated sentence maps to its last line (AllenNLP)
                 yield tokens
 
         def write(tmp: str) -> None:
-            started = last = time.perf_counter()
-            with h5py.File(tmp, "w") as f:
-                for i, array in enumerate(self.embed_sentences(tokenized(), mode, batch_size, allow_empty=True)):
-                    f.create_dataset(str(i), data=array)
-                    stats["sentences"] += 1
-                    stats["tokens"] += array.shape[-2]
-                    now = time.perf_counter()
-                    if progress and now - last > 1.0:
-                        _progress(stats, now - started)
-                        last = now
-                dataset = f.create_dataset("sentence_to_index", (1,), dtype=h5py.special_dtype(vlen=str))
-                dataset[0] = json.dumps(index)
+            started = time.perf_counter()
+            attrs = {"mode": mode_name, "model": model_name or "", "compute_dtype": np.dtype(self.dtype).name,
+                     "tokenizer": tokenizer}
+            bar = _progress_bar(total, progress)
+            with h5py.File(tmp, "w") as f, _BackgroundWriter(EmbeddingWriter(f, layout=layout,
+                                                                              output_dtype=output_dtype,
+                                                                              attrs=attrs)) as writer:
+                batch: list[np.ndarray] = []
+                for array in self.embed_sentences(tokenized(), mode, batch_size, allow_empty=True):
+                    batch.append(array)
+                    if len(batch) == 256:
+                        _count(stats, batch, bar)
+                        writer.write(batch)
+                        batch = []
+                _count(stats, batch, bar)
+                writer.write(batch)
+                writer.finish(index)
+            bar.close()
             stats["seconds"] = time.perf_counter() - started
-            if progress:
-                _progress(stats, stats["seconds"], end="\n")
 
         write_atomic(output_file, write)
         return stats
+
+
+class _Stream:
+    """The host side in a background thread: windows of sentences -> token table updates, lane slots, blocks.
+
+    Iterating gives (kind, item) in order: ("lanes", n) first, then "insert" (first row, new tokens), "permute"
+    (new_to_old rows), "grow" (capacity), "slots" (Slots), "empty" (indices), "block" (Block), and "end". An
+    error in the thread (bad input, an interrupted read) is raised in the iterating thread.
+    """
+
+    def __init__(self, embedder: Embedder, sentences: Iterable[Sequence[str]], lanes: int, tokens: TokenTable,
+                 allow_empty: bool):
+        self.embedder, self.tokens, self.allow_empty = embedder, tokens, allow_empty
+        self.lanes = round_up(lanes, embedder.n_devices)
+        self.queue: queue.Queue = queue.Queue(maxsize=64)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._produce, args=(iter(sentences),), daemon=True,
+                                       name="elmo-jax-host")
+        self.thread.start()
+
+    def __iter__(self):
+        while True:
+            kind, item = self.queue.get()
+            if kind == "error":
+                raise item
+            yield kind, item
+            if kind == "end":
+                return
+
+    def stop(self) -> None:
+        self.stopped.set()
+        while self.thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                self.queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+    def _put(self, kind: str, item=None) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put((kind, item), timeout=0.1)
+                return
+            except queue.Full:
+                pass
+        raise _Stopped
+
+    def _produce(self, stream: Iterator) -> None:
+        try:
+            self._pack(stream)
+        except _Stopped:
+            pass
+        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer's thread
+            try:
+                self._put("error", error)
+            except _Stopped:
+                pass
+
+    def _pack(self, stream: Iterator) -> None:
+        window_size = WINDOW_PER_LANE * self.lanes
+        window = list(itertools.islice(stream, window_size))
+        for offset, sentence in enumerate(window):
+            _check_sentence(sentence, offset, self.allow_empty)
+        lanes = self.lanes
+        nonempty = sum(1 for s in window if len(s) > 0)
+        if len(window) < window_size:  # the whole input is this window: fewer lanes will do
+            lanes = min(lanes, round_up(1 << max(0, nonempty - 1).bit_length(), self.embedder.n_devices))
+        self._put("lanes", lanes)
+        timeline = Timeline(lanes, self.embedder.block_steps)
+        start = 0
+        while window:
+            if start:
+                for offset, sentence in enumerate(window):
+                    _check_sentence(sentence, start + offset, self.allow_empty)
+            self._place(timeline, window, start)
+            for block in timeline.pop_blocks():
+                self._put("block", block)
+            start += len(window)
+            window = list(itertools.islice(stream, window_size))
+        for block in timeline.pop_blocks(final=True):
+            self._put("block", block)
+        self._put("end")
+
+    def _place(self, timeline: Timeline, window: list, start: int) -> None:
+        positions = np.arange(start, start + len(window))
+        lengths_all = np.fromiter(map(len, window), np.int64, len(window))
+        if not lengths_all.all():
+            self._put("empty", positions[lengths_all == 0].tolist())
+            window = [s for s in window if len(s) > 0]
+            positions = positions[lengths_all > 0]
+            if not window:
+                return
+        distinct, ids, lengths = flat_token_ids(window)
+        tokens = self.tokens
+        if tokens.free() < len(distinct):
+            old_to_new, new_to_old = tokens.compact(timeline.live_rows())
+            timeline.remap(old_to_new)
+            self._put("permute", new_to_old)
+            if tokens.free() < len(distinct):  # rare: a huge window; a larger table (one more compilation)
+                tokens.capacity = round_up(len(tokens.tokens) + len(distinct), tokens.capacity)
+                self._put("grow", tokens.capacity)
+        rows, new, first_row = tokens.lookup(distinct)
+        if new:
+            self._put("insert", (first_row, new))
+        self._put("slots", timeline.place(positions, lengths, rows[ids]))
+
+
+class _DeviceTable:
+    """The current token table array of a stream (each update donates the previous one)."""
+
+    def __init__(self, table: jax.Array):
+        self.table = table
+
+
+class _Stopped(Exception):
+    """The consumer stopped reading: the host thread ends."""
+
+
+class _BackgroundWriter:
+    """Runs an EmbeddingWriter's writes in a thread, so HDF5 output overlaps the device (bounded queue)."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, daemon=True, name="elmo-jax-writer")
+        self.thread.start()
+
+    def _work(self) -> None:
+        while True:
+            batch = self.queue.get()
+            if batch is None:
+                return
+            if self.error is None:
+                try:
+                    self.writer.write(batch)
+                except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+                    self.error = error
+
+    def write(self, batch: list[np.ndarray]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(batch)
+
+    def finish(self, sentence_to_index: dict) -> dict:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.writer.finish(sentence_to_index)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+
+def _check_positive(name: str, value: int | None) -> int | None:
+    if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+        raise ValueError(f"{name} must be an integer >= 1, found {value!r}")
+    return value
+
+
+def count_lines(path) -> int:
+    """Lines in a file (a last line without a newline counts), read in 1 MiB chunks."""
+    count, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    return count + (last != b"\n")
+
+
+def _progress_bar(total: int | None, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit=" lines", file=sys.stderr, dynamic_ncols=True,
+                smoothing=0.1)
+
+
+def _count(stats: dict, batch: list[np.ndarray], bar) -> None:
+    tokens = sum(a.shape[-2] for a in batch)
+    stats["sentences"] += len(batch)
+    stats["tokens"] += tokens
+    bar.update(len(batch))
+    if not bar.disable:
+        bar.set_postfix_str(f"{stats['tokens'] / max(bar.format_dict['elapsed'], 1e-9):,.0f} tokens/s", refresh=False)
 
 
 def _check_sentence(sentence, index: int, allow_empty: bool) -> None:
@@ -470,10 +602,3 @@ def _decode(handle, close: bool, name: str) -> Iterator[tuple[int, str]]:
     finally:
         if close:
             handle.close()
-
-
-def _progress(stats: dict, seconds: float, end: str = "") -> None:
-    rate = stats["sentences"] / max(seconds, 1e-9)
-    tokens = stats["tokens"] / max(seconds, 1e-9)
-    print(f"\r{stats['sentences']} sentences, {rate:,.0f} sentences/s, {tokens:,.0f} tokens/s", end=end,
-          file=sys.stderr, flush=True)

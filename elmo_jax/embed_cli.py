@@ -10,16 +10,18 @@ def add_embed_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "embed",
         help="embed a file of tokenized sentences into HDF5 (AllenNLP `elmo` layout)",
-        description="Embed INPUT (one whitespace-tokenized sentence per line, UTF-8; '-' = stdin) into OUTPUT, an "
-        "HDF5 file with one float32 dataset per 0-based line index (\"0\", \"1\", ...) and 'sentence_to_index' "
-        "(a JSON string mapping each distinct line to its first index), as AllenNLP's `elmo` command writes. "
-        "Shapes use layers = n_layers + 1 and dim = 2 * projection_dim of the model. Stateless: a sentence's "
-        "vectors never depend on its neighbours (--batch-size changes them by float rounding at most). Without "
-        "--options and --weights the built-in English model is used. OUTPUT is written under a temporary name and "
-        "renamed when complete; progress goes to stderr. Bad input (missing or corrupt files, a line that is not "
-        "UTF-8, an empty line unless --empty-lines skip) is a one-line error with exit status 2.",
+        description="Embed INPUT (one sentence per line, UTF-8, whitespace-tokenized unless --tokenizer moses; '-' = "
+        "stdin) into OUTPUT, an HDF5 file. --layout allennlp (default) writes what AllenNLP's `elmo` command writes: "
+        "one dataset per 0-based line index (\"0\", \"1\", ...) and 'sentence_to_index' (a JSON string mapping each "
+        "distinct line to its last index); --layout packed writes one chunked dataset of all tokens' vectors with "
+        "per-line offsets. Shapes use layers = n_layers + 1 and dim = 2 * projection_dim of the model. Stateless: a "
+        "sentence's vectors never depend on its neighbours (--batch-size changes them by float rounding at most). "
+        "Without --options and --weights the built-in English model is used. OUTPUT is written under a temporary "
+        "name and renamed when complete; a progress bar goes to stderr (--quiet: none). Bad input (missing or "
+        "corrupt files, a line that is not UTF-8, an empty line unless --empty-lines skip, an unknown --layout, "
+        "--output-dtype or --tokenizer) is a one-line error with exit status 2.",
     )
-    parser.add_argument("input", help="input text file (one tokenized sentence per line), or - for stdin")
+    parser.add_argument("input", help="input text file (one sentence per line), or - for stdin")
     parser.add_argument("output", help="output HDF5 file (replaced if it exists)")
     parser.add_argument("--options", help="options.json of the biLM; give it with --weights, or neither for the "
                                           "built-in English model (default)")
@@ -34,16 +36,35 @@ def add_embed_parser(subparsers) -> None:
     modes.add_argument("--token", dest="mode", action="store_const", const="token",
                        help="context-free token layer: (n_tokens, dim)")
     parser.set_defaults(mode="all")
-    parser.add_argument("--batch-size", type=_positive, default=64,
-                        help="sentences per batch (default 64); speed and memory only")
+    parser.add_argument("--batch-size", type=_positive, default=None,
+                        help="lanes: sentences run side by side in the packed biLSTM (default by device kind: 128 on "
+                             "a CPU, 1024 per accelerator); speed and memory only")
+    parser.add_argument("--block-steps", type=_positive, default=None,
+                        help="time steps per compiled biLSTM block (default 32 on a CPU, 64 elsewhere); speed only")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype (default float32; bfloat16 for GPU/TPU, outputs stay float32)")
+    parser.add_argument("--output-dtype", default="float32", metavar="{float32,float16}",
+                        help="dtype of the stored vectors: float32 (default) or float16 (half the file)")
+    parser.add_argument("--layout", default="allennlp", metavar="{allennlp,packed}",
+                        help="allennlp (default): one dataset per line, as AllenNLP's `elmo` command; packed: one "
+                             "chunked dataset of all tokens' vectors with per-line offsets (scales to any corpus). "
+                             "elmo_jax.open_embeddings reads both")
+    parser.add_argument("--tokenizer", default="whitespace", metavar="{whitespace,moses}",
+                        help="whitespace (default): lines are already tokenized; moses: raw text, tokenized as the "
+                             "1B Word Benchmark that the published English models were trained on (needs "
+                             "sacremoses: pip install 'elmo-jax[moses]'); see docs/tokenization.md")
     parser.add_argument("--empty-lines", choices=("error", "skip"), default="error",
                         help="error (default): stop at the first empty line, naming it; skip: give it a dataset "
                              "with 0 tokens")
     parser.add_argument("--vocab", help="vocabulary file (one token per line) whose token vectors are computed "
-                                        "once and cached; speed only, the numbers are unchanged")
-    parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+                                        "once and kept; speed only, the numbers are unchanged")
+    parser.add_argument("--distributed", action="store_true",
+                        help="several processes or hosts: start the same command in every process (JAX's "
+                             "multi-controller runtime, configured as for `elmo-jax train --distributed`); each "
+                             "embeds its share of the lines on its local devices and writes its part beside OUTPUT, "
+                             "which then reads like a one-process run")
+    parser.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                        help="no progress bar on stderr")
     parser.set_defaults(func=run_embed)
 
 
@@ -58,12 +79,23 @@ def run_embed(args) -> None:
     """``elmo-jax embed``: embed ``args.input`` into the HDF5 file ``args.output`` and print a one-line summary."""
     from .characters import Vocabulary
     from .embed import Embedder
+    from .embed_output import check_output_options
+    from .tokenize import get_tokenizer
 
     if (args.options is None) != (args.weights is None):
         raise ValueError("--options and --weights go together (leave both out for the built-in English model)")
+    check_output_options(args.layout, args.output_dtype)
+    get_tokenizer(args.tokenizer)  # an unknown name or a missing sacremoses fails before any work
+    if args.distributed:
+        from .embed_distributed import embed_distributed
+
+        embed_distributed(args)
+        return
     vocab = Vocabulary.from_file(args.vocab, require_specials=False).words if args.vocab else None
-    embedder = Embedder(args.options, args.weights, batch_size=args.batch_size, dtype=args.dtype, vocab=vocab)
+    embedder = Embedder(args.options, args.weights, batch_size=args.batch_size, dtype=args.dtype, vocab=vocab,
+                        block_steps=args.block_steps)
     stats = embedder.embed_file(args.input, args.output, mode=args.mode, empty_lines=args.empty_lines,
-                                progress=not args.no_progress)
+                                progress=not args.quiet, tokenizer=args.tokenizer, layout=args.layout,
+                                output_dtype=args.output_dtype, model_name=args.weights or "built-in")
     print(f"wrote {args.output}: {stats['sentences']} sentences, {stats['tokens']} tokens in {stats['seconds']:.1f} s "
           f"({embedder.compilations} compilations)")

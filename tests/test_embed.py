@@ -7,7 +7,9 @@ import pytest
 
 from elmo_jax.characters import TokenError
 from elmo_jax.cli import main
-from elmo_jax.embed import Embedder, assemble_rows, plan_blocks
+from elmo_jax import embed
+from elmo_jax.embed import Embedder
+from elmo_jax.lanes import OutputRing, Slots, Timeline, assign_lanes, slot_rows
 from tests import reference
 
 WORDS = "the bank raised its interest rates . I went to river and deposited money in a very long sentence".split()
@@ -24,10 +26,10 @@ def expected(tiny_model):
     return sentences, [reference.bilm_sentence(tiny_model.params, tiny_model.options, s)[:, 1:-1] for s in sentences]
 
 
-@pytest.mark.parametrize("batch_size, block_steps, window", [(1, 8, 16), (5, 3, 1), (16, 64, 2), (24, 1, 1)])
-def test_batching_blocks_and_order_never_change_the_numbers(tiny_model, expected, batch_size, block_steps, window):
+@pytest.mark.parametrize("lanes, block_steps", [(1, 1), (3, 5), (16, 64), (None, None)])
+def test_lanes_and_blocks_never_change_the_numbers(tiny_model, expected, lanes, block_steps):
     sentences, want = expected
-    embedder = Embedder(model=tiny_model, batch_size=batch_size, block_steps=block_steps, window_batches=window)
+    embedder = Embedder(model=tiny_model, batch_size=lanes, block_steps=block_steps)
     got = list(embedder.embed_sentences(sentences))
     assert len(got) == len(want)
     for a, b in zip(got, want):
@@ -35,15 +37,44 @@ def test_batching_blocks_and_order_never_change_the_numbers(tiny_model, expected
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_compilations_are_bounded(tiny_model):
-    embedder = Embedder(model=tiny_model, batch_size=8)
-    list(embedder.embed_sentences(_sentences(200, seed=1)))
-    first = embedder.compilations
-    # block programs: one per row count (1, 2, 4, 8); token layer: distinct-token buckets 8 short
-    # sentences reach (64, 96, 128, 192); gathers: row counts x distinct-token buckets
-    assert first <= 4 + 4 + 4 * 4
-    list(embedder.embed_sentences(_sentences(200, seed=2)))
-    assert embedder.compilations <= first + 2
+def test_compilations_do_not_grow_with_the_corpus(tiny_model):
+    small, large = Embedder(model=tiny_model, batch_size=8), Embedder(model=tiny_model, batch_size=8)
+    list(small.embed_sentences(_sentences(100, seed=1)))
+    list(large.embed_sentences(_sentences(1000, seed=1) + [["w" * 30, "x" * 20]]))  # long tokens too
+    # one block program, token-table inserts in a few bucketed sizes (short and long tokens)
+    assert small.compilations <= large.compilations <= 1 + len(embed.INSERT_SIZES["short"]) + len(
+        embed.INSERT_SIZES["long"])
+    before = large.compilations
+    list(large.embed_sentences(_sentences(300, seed=2)))
+    assert large.compilations == before
+
+
+def test_token_table_compaction_and_growth_keep_the_numbers(tiny_model, monkeypatch):
+    monkeypatch.setattr(embed, "TABLE_BYTES", 0)
+    monkeypatch.setattr(embed, "TABLE_MIN_ROWS", 40)
+    rng = np.random.default_rng(3)
+    letters = np.array(list("abcdefghij"))
+    sentences = [["".join(rng.choice(letters, size=3)) for _ in range(rng.integers(1, 12))] for _ in range(60)]
+    embedder = Embedder(model=tiny_model, batch_size=2, block_steps=4)
+    assert embedder._tokens.capacity == 40
+    got = list(embedder.embed_sentences(sentences))  # windows of 16 sentences: ~100 distinct tokens each
+    assert embedder._tokens.capacity > 40  # grew once a window's tokens did not fit
+    got += list(embedder.embed_sentences(sentences[:5]))  # compacted between windows, cache reused across calls
+    for a, s in zip(got, sentences + sentences[:5]):
+        np.testing.assert_allclose(a, reference.bilm_sentence(tiny_model.params, tiny_model.options, s)[:, 1:-1],
+                                   atol=1e-5)
+
+
+def test_interleaved_and_abandoned_streams(tiny_model, expected):
+    sentences, want = expected
+    embedder = Embedder(model=tiny_model, batch_size=4, vocab=WORDS[:5])
+    abandoned = embedder.embed_sentences(sentences)
+    next(abandoned)
+    abandoned.close()  # the shared token table is left consistent
+    for a, b, w in zip(embedder.embed_sentences(sentences), embedder.embed_sentences(sentences[::-1]), want):
+        np.testing.assert_allclose(a, w, atol=1e-5)
+    for b, w in zip(embedder.embed_sentences(sentences[::-1]), want[::-1]):
+        np.testing.assert_allclose(b, w, atol=1e-5)
 
 
 def test_long_sentence_is_embedded(tiny_model):
@@ -142,7 +173,7 @@ def test_interrupted_run_leaves_no_file(tiny_model, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Embedder(model=tiny_model, batch_size=1, window_batches=1).embed_file(Exploding(), tmp_path / "o.hdf5",
+        Embedder(model=tiny_model, batch_size=1).embed_file(Exploding(), tmp_path / "o.hdf5",
                                                                                progress=False)
     assert list(tmp_path.iterdir()) == []
 
@@ -157,35 +188,61 @@ def test_bfloat16_compute_stays_close_to_float32(tiny_model, expected):
     assert 0 < worst < 0.05 * scale, (worst, scale)  # bf16 has an 8-bit mantissa: ~1e-2 relative
 
 
-def test_blocks_drop_finished_rows():
-    lengths = [180] + [7] * 100  # one long sentence, then short ones (steps, longest first)
-    blocks = plan_blocks(lengths, block_steps=8)
-    assert blocks[0] == (0, 104) and all(start == 8 * k for k, (start, _) in enumerate(blocks))
-    assert len(blocks) == 23 and all(rows == 1 for _, rows in blocks[1:])  # the long row runs alone
-    assert plan_blocks([20, 9, 3], block_steps=8, n_devices=4) == [(0, 4), (8, 4), (16, 4)]
+def test_lanes_end_together():
+    rng = np.random.default_rng(0)
+    steps = rng.integers(3, 60, size=500)
+    free = np.zeros(16, np.int64)
+    lane, start = assign_lanes(free, steps)
+    assert free.max() - free.min() <= steps.min() + 1  # longest first: only the shortest sentences differ
+    for r in range(16):  # each lane's slots follow each other without gaps or overlaps
+        mine = np.argsort(start[lane == r])
+        ends = (start[lane == r] + steps[lane == r])[mine]
+        assert start[lane == r][mine][0] == 0 and np.array_equal(start[lane == r][mine][1:], ends[:-1])
 
 
-def test_assemble_rows_unreverses_the_backward_half():
-    # 2 rows (3 and 1 tokens), 1 layer of width 2 * 1; forward step t = 10 * t, backward step t = -t
-    steps = np.arange(8, dtype=np.float32)
-    block = np.stack([np.stack([10 * steps, -steps], axis=-1)] * 2)[None]  # (1, rows, steps, 2)
-    first, second = assemble_rows([(0, block[..., :4, :]), (4, block[..., 4:, :])], [3, 1], projection_dim=1)
-    np.testing.assert_array_equal(first[0], [[10, -3], [20, -2], [30, -1]])
-    np.testing.assert_array_equal(second[0], [[10, -1]])
+def test_slots_reset_and_reverse_each_sentence():
+    forward, backward = slot_rows(np.array([10, 11, 12, 20]), np.array([3, 1]))
+    assert forward.tolist() == [0, 10, 11, 12, 1, 0, 20, 1]
+    assert backward.tolist() == [1, 12, 11, 10, 0, 1, 20, 0]
+    timeline = Timeline(lanes=2, block_steps=4)
+    slots = timeline.place(np.array([0, 1, 2]), np.array([3, 1, 2]), np.array([10, 11, 12, 20, 30, 31]))
+    assert slots.lane.tolist() == [0, 1, 1] and slots.start.tolist() == [0, 4, 0]  # longest first
+    blocks = timeline.pop_blocks(final=True)
+    assert [b.first_step for b in blocks] == [0, 4]
+    assert blocks[0].forward.tolist() == [[0, 10, 11, 12], [0, 30, 31, 1]]
+    assert blocks[0].backward.tolist() == [[1, 12, 11, 10], [1, 31, 30, 0]]
+    assert blocks[1].forward.tolist() == [[1, 0, 0, 0], [0, 20, 1, 0]]
+    assert blocks[1].backward.tolist() == [[0, 0, 0, 0], [1, 20, 0, 0]]
+    assert blocks[1].reset.tolist() == [[False] * 4, [True, False, False, False]]
+    assert blocks[1].mask.tolist() == [[True, False, False, False], [True, True, True, False]]
+
+
+def test_output_ring_unreverses_the_backward_half_across_blocks():
+    # 1 lane, blocks of 2 steps, forward half of step t = 10 * t, backward half = -t; a sentence of 4 tokens at
+    # steps 1..6 (after one of 0 steps' worth: start 1), and the ring grows to hold it
+    ring = OutputRing((), lanes=1, block_steps=2, width=2)
+    ring.expect(Slots(np.array([7]), np.array([0]), np.array([1]), np.array([4])))
+    out = []
+    for first in range(0, 8, 2):
+        steps = np.arange(first, first + 2, dtype=np.float32)
+        out += ring.add(np.stack([10 * steps, -steps], axis=-1)[None])
+    ((index, value),) = out
+    assert index == 7
+    np.testing.assert_array_equal(value, [[20, -5], [30, -4], [40, -3], [50, -2]])
 
 
 def test_short_tokens_skip_padding_windows_exactly(tiny_model):
     from elmo_jax.bilm import token_embedding
+    from elmo_jax.char_cnn import long_tokens
     from elmo_jax.characters import token_to_char_ids
     from elmo_jax.embed import short_token_chars
 
     words = ["a", "bank", "x" * 13, "y" * 14, "z" * 15, "ÿ" * 7, "€" * 5, "w" * 60]
     embedder = Embedder(model=tiny_model)
-    batch = embedder.prepare([words], [0])
     short_chars = short_token_chars(tiny_model.options)
-    assert batch.short_char_ids.shape[1] == short_chars < 50
-    assert batch.long_char_ids is not None and np.count_nonzero(batch.long_char_ids.any(axis=1)) == 3  # z*15, €*5, w*60
+    assert short_chars < 50
     ids = np.stack([token_to_char_ids(w) for w in words])
+    assert long_tokens(ids).tolist() == [False] * 4 + [True, False, True, True]  # z*15, €*5 (15 bytes), w*60
     full = token_embedding(tiny_model.params, tiny_model.options, ids)
     short = token_embedding(tiny_model.params, tiny_model.options, ids[:5, :short_chars])
     np.testing.assert_allclose(short, full[:5], atol=1e-6)
@@ -199,3 +256,33 @@ def test_cli_repeated_sentence_maps_to_its_last_line_as_allennlp(tmp_path, cli_a
     with h5py.File(tmp_path / "out.hdf5", "r") as f:
         assert json.loads(f["sentence_to_index"][0]) == {"a b": "2", "c": "1"}
         assert sorted(f.keys()) == ["0", "1", "2", "sentence_to_index"]
+
+
+@pytest.mark.parametrize("flag, value, message", [("--layout", "columns", "layout must be one of"),
+                                                  ("--output-dtype", "float64", "output_dtype must be one of"),
+                                                  ("--tokenizer", "spacy", "tokenizer must be one of")])
+def test_cli_unknown_option_values_are_one_line_errors(tmp_path, cli_args, capsys, flag, value, message):
+    (tmp_path / "in.txt").write_text("a b\n")
+    assert main(["embed", str(tmp_path / "in.txt"), str(tmp_path / "out.hdf5"), flag, value, *cli_args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and value in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.hdf5").exists()
+
+
+def test_cli_packed_float16_and_moses_read_back_as_the_allennlp_layout(tmp_path, cli_args):
+    pytest.importorskip("sacremoses")
+    from elmo_jax.embed_output import open_embeddings
+
+    raw = ["The bank’s rates rose, didn’t they?", "Hello", "I went to the river bank."]
+    (tmp_path / "raw.txt").write_text("\n".join(raw) + "\n", encoding="utf-8")
+    assert main(["embed", str(tmp_path / "raw.txt"), str(tmp_path / "a.hdf5"), "--tokenizer", "moses",
+                 *cli_args]) == 0
+    assert main(["embed", str(tmp_path / "raw.txt"), str(tmp_path / "p.hdf5"), "--tokenizer", "moses",
+                 "--layout", "packed", "--output-dtype", "float16", *cli_args]) == 0
+    with h5py.File(tmp_path / "a.hdf5", "r") as f, open_embeddings(tmp_path / "p.hdf5") as packed:
+        assert len(packed) == 3 and packed.attrs["mode"] == "all" and packed.attrs["tokenizer"] == "moses"
+        assert f["0"].shape == (3, 10, 32)  # The bank 's rates rose , didn 't they ?
+        for i in range(3):
+            assert packed[i].dtype == np.float16
+            np.testing.assert_array_equal(packed[i], f[str(i)][...].astype(np.float16))
+        assert json.loads(f["sentence_to_index"][0]) == packed.sentence_to_index

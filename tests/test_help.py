@@ -15,7 +15,8 @@ from tests.conftest import ROOT
 # means changing this table, the help strings and the README's command table together.
 ARGUMENTS = {
     "embed": ["input", "output", "--options", "--weights", "--all", "--top", "--average", "--token", "--batch-size",
-              "--dtype", "--empty-lines", "--vocab", "--no-progress"],
+              "--block-steps", "--dtype", "--output-dtype", "--layout", "--tokenizer", "--empty-lines", "--vocab",
+              "--distributed", "--quiet"],
     "convert": ["--options", "--weights", "--checkpoint", "--to"],
     "train": ["--train-prefix", "--vocab", "--options", "--out", "--resume", "--steps", "--init-weights",
               "--devices", "--distributed", "--seed", "--log-every", "--checkpoint-every", "--learning-rate",

@@ -1,0 +1,342 @@
+"""Embeddings files of ``elmo-jax embed``: ``EmbeddingWriter``, ``open_embeddings`` and ``merge_parts``.
+
+Both layouts are HDF5 and hold "sentence_to_index": a (1,) vlen-str dataset with the JSON {sentence text:
+"line index"} (a repeated sentence maps to its last line, as in AllenNLP). Sentence i has n_i tokens.
+
+- "allennlp" (AllenNLP's ``elmo`` command): one dataset per sentence, named by its 0-based line index "0",
+  "1", ..., each (layers, n_i, dim) (mode "all") or (n_i, dim).
+- "packed": "embeddings" holds every token's vectors in sentence order, (total_tokens, layers, dim) or
+  (total_tokens, dim), chunked ~1 MiB along the token axis (resizable, uncompressed, so the file is ~the
+  payload); "offsets" int64 (n_sentences + 1,): sentence i is embeddings[offsets[i]:offsets[i + 1]]
+  (the first two axes swapped for (layers, n_i, dim)). Two datasets instead of millions of objects.
+
+Root attributes (AllenNLP readers ignore them; its own files have none): format = "elmo_jax.embeddings",
+format_version = 1, layout, output_dtype, n_sentences, n_tokens, and the caller's (mode, model, ...).
+
+Merging (``embed --distributed``): each process writes a part file of consecutive lines, and
+``merge_parts`` writes a small file reading exactly like a one-process run, without copying vectors:
+allennlp dataset "i" is an external link to its part's dataset, packed "embeddings" a virtual dataset
+concatenating the parts' and "offsets" a real dataset. Links and virtual sources hold paths relative to
+the merged file's directory. HDF5 (checked with 2.0 in tests/test_embed_output.py) looks them up there
+before the current directory, so reading works from any directory and the folder can move as a whole
+(HDF5_EXT_PREFIX / HDF5_VDS_PREFIX, when set, come first). The "parts" attribute lists the part files;
+``open_embeddings`` checks they exist, since a virtual dataset silently reads fill values for a missing one.
+"""
+
+from __future__ import annotations
+
+import array
+import collections.abc
+import itertools
+import json
+import operator
+import os
+from collections.abc import Sequence
+
+import h5py
+import numpy as np
+
+LAYOUTS = ("allennlp", "packed")
+OUTPUT_DTYPES = ("float32", "float16")
+FORMAT, FORMAT_VERSION = "elmo_jax.embeddings", 1
+CHUNK_BYTES = 1 << 20  # packed chunk size along the token axis
+BUFFER_CHUNKS = 16  # packed: chunks buffered in memory per write (one h5py call per 16 MiB)
+_RESERVED = ("format", "format_version", "layout", "output_dtype", "n_sentences", "n_tokens", "parts")
+_EXPECTED = ("expected datasets '0', '1', ... and 'sentence_to_index' (AllenNLP layout) or 'embeddings' and "
+             "'offsets' (packed)")
+
+
+class EmbeddingsFileError(ValueError):
+    """A missing, unreadable or inconsistent embeddings file; the message is one line naming the path."""
+
+
+def check_output_options(layout: str, output_dtype: str) -> None:
+    """ValueError naming the field unless layout is in LAYOUTS and output_dtype in OUTPUT_DTYPES."""
+    for name, value, allowed in (("layout", layout, LAYOUTS), ("output_dtype", output_dtype, OUTPUT_DTYPES)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, found {value!r}")
+
+
+class EmbeddingWriter:
+    """Writes sentences' arrays into an open, empty h5py.File in either layout (see the module docstring).
+
+    Args:
+      f: h5py.File open for writing; layout: "allennlp" or "packed"; output_dtype: "float32" or "float16"
+      (arrays are cast on write); attrs: extra root attributes (str or numbers), e.g. {"mode": "all"}.
+    """
+
+    def __init__(self, f: h5py.File, *, layout: str = "allennlp", output_dtype: str = "float32",
+                 attrs: dict | None = None):
+        check_output_options(layout, output_dtype)
+        clash = sorted(set(attrs or {}) & set(_RESERVED))
+        if clash:
+            raise ValueError(f"attrs must not set {clash}: EmbeddingWriter sets them")
+        self.f, self.layout, self.dtype, self.attrs = f, layout, np.dtype(output_dtype), dict(attrs or {})
+        self.n_sentences = self.n_tokens = 0
+        self._offsets = array.array("q", [0])  # packed: token offset of each sentence, then the total
+        self._dataset = self._buffer = None  # packed: made at the first sentence, whose shape gives (layers, dim)
+        self._filled = self._written = 0  # packed: rows in the buffer, rows in the file
+
+    def write(self, arrays: Sequence[np.ndarray]) -> None:
+        """Append the next sentences in input order: each (layers, n, dim) or (n, dim), n >= 0."""
+        for a in arrays:
+            a = np.asarray(a)
+            if a.ndim not in (2, 3):
+                raise ValueError(f"sentence {self.n_sentences}: expected an array (layers, n, dim) or (n, dim), "
+                                 f"found shape {a.shape}")
+            if self.layout == "allennlp":
+                self.f.create_dataset(str(self.n_sentences), data=a.astype(self.dtype, copy=False))
+            else:
+                self._append(np.moveaxis(a, -2, 0))  # (n, layers, dim) or (n, dim): a view
+            self.n_sentences += 1
+            self.n_tokens += a.shape[-2]
+
+    def _append(self, rows: np.ndarray) -> None:
+        """Copy one sentence's rows (n, ...) into the buffer, writing it out whenever it is full."""
+        if self._buffer is None:
+            self._create(rows.shape[1:])
+        if rows.shape[1:] != self._buffer.shape[1:]:
+            raise ValueError(f"sentence {self.n_sentences}: packed layout needs the (layers, dim) of sentence 0, "
+                             f"{self._buffer.shape[1:]}, found {rows.shape[1:]}")
+        self._offsets.append(self._offsets[-1] + len(rows))
+        while len(rows):
+            take = min(len(rows), len(self._buffer) - self._filled)
+            self._buffer[self._filled : self._filled + take] = rows[:take]  # casts to output_dtype
+            self._filled, rows = self._filled + take, rows[take:]
+            if self._filled == len(self._buffer):
+                self._flush()
+
+    def _create(self, row_shape: tuple[int, ...]) -> None:
+        """The resizable "embeddings" (0, *row_shape) in ~1 MiB chunks, and a buffer of BUFFER_CHUNKS chunks."""
+        chunk_rows = max(1, CHUNK_BYTES // max(1, self.dtype.itemsize * int(np.prod(row_shape))))
+        self._dataset = self.f.create_dataset("embeddings", (0, *row_shape), self.dtype,
+                                              maxshape=(None, *row_shape), chunks=(chunk_rows, *row_shape))
+        self._buffer = np.empty((chunk_rows * BUFFER_CHUNKS, *row_shape), self.dtype)
+
+    def _flush(self) -> None:
+        end = self._written + self._filled
+        self._dataset.resize(end, axis=0)
+        self._dataset[self._written : end] = self._buffer[: self._filled]
+        self._written, self._filled = end, 0
+
+    def finish(self, sentence_to_index: dict[str, str]) -> dict:
+        """Write the buffered rows, "offsets" (packed), "sentence_to_index" and the root attributes.
+
+        Returns {"sentences": n_sentences, "tokens": n_tokens}."""
+        if self.layout == "packed":
+            if self._dataset is None:  # no sentence, so no (layers, dim): an empty 1-d dataset
+                self.f.create_dataset("embeddings", (0,), self.dtype)
+            else:
+                self._flush()
+            self.f.create_dataset("offsets", data=np.frombuffer(self._offsets, np.int64))
+        _write_index(self.f, sentence_to_index)
+        self.f.attrs.update(_root_attrs(self.attrs, self.layout, self.dtype, self.n_sentences, self.n_tokens))
+        return {"sentences": self.n_sentences, "tokens": self.n_tokens}
+
+
+def _root_attrs(extra: dict, layout: str, dtype, n_sentences: int, n_tokens: int) -> dict:
+    return {**extra, "format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout,
+            "output_dtype": np.dtype(dtype).name, "n_sentences": n_sentences, "n_tokens": n_tokens}
+
+
+def _write_index(f: h5py.File, sentence_to_index: dict[str, str]) -> None:
+    dataset = f.create_dataset("sentence_to_index", (1,), dtype=h5py.special_dtype(vlen=str))
+    dataset[0] = json.dumps(sentence_to_index)
+
+
+def _plain(value):
+    """An HDF5 attribute value as a Python str, number or list."""
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+
+
+def open_embeddings(path: str | os.PathLike) -> Embeddings:
+    """Open an embeddings file of either layout (or written by AllenNLP) for lazy reading."""
+    return Embeddings(path)
+
+
+class Embeddings(collections.abc.Sequence):
+    """The sentences of an embeddings file, read lazily: ``emb[i]`` is (layers, n_i, dim) or (n_i, dim),
+    as the AllenNLP layout's dataset str(i), in the file's dtype. ``attrs``: root attributes (empty for
+    AllenNLP's files); ``layout``: "allennlp" or "packed"; ``sentence_to_index``: {sentence: "index"}."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.file = _open_file(self.path)
+        try:
+            self.attrs = {key: _plain(value) for key, value in self.file.attrs.items()}
+            self.layout = _detect_layout(self.file, self.path)
+            _check_parts(self.file, self.path, self.attrs.get("parts", []))
+            if self.layout == "packed":
+                self._embeddings = self.file["embeddings"]
+                self._offsets = _read_offsets(self.file, self.path)  # (n_sentences + 1,): small
+                self._len = len(self._offsets) - 1
+            else:
+                self._len = _count_sentences(self.file, self.path, self.attrs.get("n_sentences"))
+        except BaseException:
+            self.file.close()
+            raise
+        self._index = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._len))]
+        i = operator.index(i)
+        if not -self._len <= i < self._len:
+            raise IndexError(f"{self.path}: sentence {i} is out of range for {self._len} sentences")
+        i %= self._len
+        if self.layout == "packed":
+            rows = self._embeddings[self._offsets[i] : self._offsets[i + 1]]  # (n, layers, dim) or (n, dim)
+            return np.ascontiguousarray(np.moveaxis(rows, 0, -2))
+        try:
+            return self.file[str(i)][()]
+        except KeyError:
+            link = self.file.get(str(i), getlink=True)
+            what = f"part file {link.filename}" if isinstance(link, h5py.ExternalLink) else "it"
+            raise EmbeddingsFileError(f"{self.path}: cannot read dataset '{i}': {what} is missing") from None
+
+    @property
+    def sentence_to_index(self) -> dict[str, str]:
+        if self._index is None:
+            raw = self.file["sentence_to_index"][0]
+            self._index = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        return self._index
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> Embeddings:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_file(path: str) -> h5py.File:
+    if not os.path.isfile(path):
+        raise EmbeddingsFileError(f"{path}: no such file; expected an HDF5 embeddings file")
+    if not h5py.is_hdf5(path):
+        raise EmbeddingsFileError(f"{path}: not an HDF5 file; expected an HDF5 embeddings file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise EmbeddingsFileError(f"{path}: cannot open as HDF5 ({error}); expected an HDF5 embeddings file") from None
+
+
+def _detect_layout(f: h5py.File, path: str) -> str:
+    if "sentence_to_index" in f and "embeddings" in f and "offsets" in f:
+        return "packed"
+    if "sentence_to_index" in f and "embeddings" not in f and "offsets" not in f:
+        return "allennlp"
+    raise EmbeddingsFileError(f"{path}: {_EXPECTED}; found {list(itertools.islice(f.keys(), 6))}")
+
+
+def _check_parts(f: h5py.File, path: str, parts: list[str]) -> None:
+    """A merged file's part files must exist (a virtual dataset reads fill values for a missing source)."""
+    names = list(parts)
+    if "embeddings" in f and f["embeddings"].is_virtual:
+        names += [source.file_name for source in f["embeddings"].virtual_sources()]
+    folder = os.path.dirname(os.path.abspath(path))
+    for name in dict.fromkeys(names):
+        if name != "." and not os.path.isfile(os.path.join(folder, name)):
+            raise EmbeddingsFileError(f"{path}: part file {name} is missing; expected it relative to {folder}")
+
+
+def _read_offsets(f: h5py.File, path: str) -> np.ndarray:
+    """Packed "offsets", checked against "embeddings": (n_sentences + 1,) int64, 0 ... total_tokens."""
+    offsets, embeddings = f["offsets"], f["embeddings"]
+    rows, problem = embeddings.shape[0], None
+    if offsets.ndim != 1 or offsets.dtype.kind not in "iu" or offsets.shape[0] == 0:
+        problem = f"found dtype {offsets.dtype}, shape {offsets.shape}"
+    else:
+        values = offsets[()].astype(np.int64)
+        if values[0] != 0 or values[-1] != rows:
+            problem = f"found {values[0]} ... {values[-1]}"
+        elif np.any(np.diff(values) < 0):
+            problem = "found decreasing offsets"
+        elif embeddings.ndim not in (2, 3) and len(values) > 1:
+            problem = f"found 'embeddings' of shape {embeddings.shape}"
+    if problem:
+        raise EmbeddingsFileError(f"{path}: expected 'offsets' int (n_sentences + 1,) non-decreasing from 0 to "
+                                  f"the {rows} rows of 'embeddings', {problem}")
+    return values
+
+
+def _count_sentences(f: h5py.File, path: str, n: int | None) -> int:
+    """Datasets "0" ... "n-1" of the AllenNLP layout: n from the attributes if there, else by counting names."""
+    if n is None:
+        numbers = [int(key) for key in f.keys() if key.isascii() and key.isdigit()]
+        n, ok = len(numbers), max(numbers, default=-1) == len(numbers) - 1
+    else:
+        ok = (n == 0 or str(n - 1) in f) and str(n) not in f
+    if not ok:
+        raise EmbeddingsFileError(f"{path}: expected datasets '0' ... '{n - 1}' ({n} sentences), found others")
+    return n
+
+
+def merge_parts(path: str | os.PathLike, parts: Sequence[str | os.PathLike], *, layout: str) -> None:
+    """Write at ``path`` a file reading like one process's output, from part files in line order.
+
+    Part k (an EmbeddingWriter file) holds lines start_k ... start_k + n_k - 1, start_k = n_0 + ... + n_(k-1).
+    Vectors stay in the parts: allennlp dataset "i" links to part k's dataset str(i - start_k); packed
+    "embeddings" (total_tokens, ...) is a virtual dataset over the parts'. Paths are relative to path's folder.
+    """
+    check_output_options(layout, OUTPUT_DTYPES[0])
+    path = os.fspath(path)
+    infos = [_part_info(os.fspath(part), layout, path) for part in parts]
+    starts = np.cumsum([0] + [info["n"] for info in infos]).tolist()
+    dtype = infos[0]["attrs"]["output_dtype"] if infos else OUTPUT_DTYPES[0]
+    index = {}
+    for info, start in zip(infos, starts):
+        if info["attrs"]["output_dtype"] != dtype:
+            raise EmbeddingsFileError(f"cannot merge into {path}: part {info['rel']} is "
+                                      f"{info['attrs']['output_dtype']}, expected {dtype} as the first part")
+        index.update((text, str(int(i) + start)) for text, i in info["index"].items())  # later lines win
+    with h5py.File(path, "w") as f:
+        if layout == "allennlp":
+            for info, start in zip(infos, starts):
+                for i in range(info["n"]):
+                    f[str(start + i)] = h5py.ExternalLink(info["rel"], str(i))
+        else:
+            _merge_packed(f, infos, path, dtype)
+        _write_index(f, index)
+        extra = {k: v for k, v in infos[0]["attrs"].items() if k not in _RESERVED} if infos else {}
+        f.attrs.update(_root_attrs(extra, layout, dtype, starts[-1], sum(info["tokens"] for info in infos)))
+        f.attrs["parts"] = [info["rel"] for info in infos]
+
+
+def _part_info(part: str, layout: str, path: str) -> dict:
+    """Check one part file and read what merging needs: its path relative to path's folder, counts, index, attrs."""
+    try:
+        with open_embeddings(part) as emb:
+            if (emb.attrs.get("format"), emb.layout) != (FORMAT, layout):
+                found = "" if emb.attrs.get("format") == FORMAT else " without the format attribute"
+                raise EmbeddingsFileError(f"{part}: expected a part file written by EmbeddingWriter in the {layout} "
+                                          f"layout, found the {emb.layout} layout{found}")
+            rel = os.path.relpath(os.path.abspath(part), os.path.dirname(os.path.abspath(path)))
+            info = {"rel": rel, "n": len(emb), "index": emb.sentence_to_index, "attrs": emb.attrs,
+                    "tokens": emb.attrs["n_tokens"]}
+            if layout == "packed":
+                info.update(shape=emb._embeddings.shape, offsets=emb._offsets)
+            return info
+    except EmbeddingsFileError as error:
+        raise EmbeddingsFileError(f"cannot merge into {path}: {error}") from None
+
+
+def _merge_packed(f: h5py.File, infos: list[dict], path: str, dtype: str) -> None:
+    """Virtual "embeddings" concatenating the parts' along the token axis, and the shifted "offsets"."""
+    row_shapes = [info["shape"][1:] for info in infos if len(info["shape"]) > 1]  # (0,) for a part with no line
+    for info in infos:
+        if len(info["shape"]) > 1 and info["shape"][1:] != row_shapes[0]:
+            raise EmbeddingsFileError(f"cannot merge into {path}: part {info['rel']} has embeddings {info['shape']}, "
+                                      f"expected (tokens, {', '.join(map(str, row_shapes[0]))}) as the first part")
+    starts = np.cumsum([0] + [info["tokens"] for info in infos]).tolist()
+    virtual = h5py.VirtualLayout((starts[-1], *row_shapes[0]) if row_shapes else (0,), dtype)
+    for info, start in zip(infos, starts):
+        if info["tokens"]:
+            virtual[start : start + info["tokens"]] = h5py.VirtualSource(info["rel"], "embeddings", shape=info["shape"])
+    f.create_virtual_dataset("embeddings", virtual, fillvalue=np.nan)  # NaN, not 0, should a part vanish
+    shifted = [info["offsets"][1:] + start for info, start in zip(infos, starts)]
+    f.create_dataset("offsets", data=np.concatenate([np.zeros(1, np.int64), *shifted]))

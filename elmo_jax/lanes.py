@@ -1,0 +1,283 @@
+"""Packed lanes: the host side of the Embedder's biLSTM (numpy only, no JAX).
+
+A fixed number of lanes (rows) runs in fixed blocks of time steps. Each lane is a stream of sentences
+back to back, each in its own slot of ``n + 2`` steps (``<S> w1 .. wn </S>``)::
+
+    lane 0: <S> a1 a2 a3 </S> <S> d1 d2 </S> <S> g1 ...       reset at each <S>: the state is zeroed there
+    lane 1: <S> b1 b2 b3 b4 b5 b6 </S> <S> e1 ...
+    backward: the same slots, each sentence reversed within its slot (</S> a3 a2 a1 <S>)
+
+Sentences come in windows; a window's sentences go longest first into the lane that frees up first, so
+the lanes end together and padding exists only at the very end of the input. A slot's steps hold rows of
+the token table (``TokenTable``: the token vectors that live on the device), so a block is four small
+integer/bool arrays: forward rows, backward rows, reset and mask, each (lanes, block_steps).
+
+``OutputRing`` keeps the last steps of the device's block outputs on the host and gathers each finished
+sentence's vectors: the forward half of token j at its slot's step j + 1, the backward half at step n - j.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from .characters import BOS_TOKEN, EOS_TOKEN
+
+BOS_ROW, EOS_ROW = 0, 1  # the token table's first rows
+
+
+class Slots(NamedTuple):
+    """Where a window's sentences run. index: (sentences,) their positions in the input; lane, start:
+    (sentences,) their lane and first step (<S>); length: (sentences,) their tokens, without <S> and </S>."""
+
+    index: np.ndarray
+    lane: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+
+
+class Block(NamedTuple):
+    """One block of the packed biLSTM: forward, backward (table rows, int32), reset, mask (bool); each
+    (lanes, block_steps). ``first_step``: the block's first step in the lanes' time."""
+
+    forward: np.ndarray
+    backward: np.ndarray
+    reset: np.ndarray
+    mask: np.ndarray
+    first_step: int
+
+
+def assign_lanes(free: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Longest first into the lane that frees up first (LPT scheduling), so lanes end together.
+
+    Args:
+      free: (lanes,) int64, the step at which each lane is free; updated in place.
+      steps: (sentences,) the steps each sentence needs (tokens + 2).
+    Returns:
+      lane, start: (sentences,) each sentence's lane and first step, in the order of ``steps``.
+    """
+    lane = np.empty(len(steps), np.int32)
+    start = np.empty(len(steps), np.int64)
+    heap = [(int(t), r) for r, t in enumerate(free)]
+    heapq.heapify(heap)
+    for s in np.argsort(-steps, kind="stable").tolist():
+        t, r = heap[0]
+        lane[s], start[s] = r, t
+        heapq.heapreplace(heap, (t + int(steps[s]), r))
+    for t, r in heap:
+        free[r] = t
+    return lane, start
+
+
+def slot_rows(token_rows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sentences' table rows with <S>/</S> around each, forward and reversed within each slot.
+
+    Args:
+      token_rows: (tokens,) the table rows of all sentences' tokens, back to back.
+      lengths: (sentences,) tokens per sentence.
+    Returns:
+      forward, backward: (tokens + 2 * sentences,) int32.
+    """
+    n = len(lengths)
+    slot_offsets = np.concatenate([[0], np.cumsum(lengths + 2)])  # (sentences + 1,)
+    forward = np.empty(slot_offsets[-1], np.int32)
+    forward[slot_offsets[:-1]] = BOS_ROW
+    forward[slot_offsets[1:] - 1] = EOS_ROW
+    forward[np.arange(len(token_rows)) + np.repeat(2 * np.arange(n) + 1, lengths)] = token_rows
+    # Step k of a slot [a, a + L) reads, backward, the slot's step a + L - 1 - (k - a).
+    steps = lengths + 2
+    backward = forward[np.repeat(2 * slot_offsets[:-1] + steps - 1, steps) - np.arange(slot_offsets[-1])]
+    return forward, backward
+
+
+class Timeline:
+    """Each lane's steps that are placed but not yet emitted as blocks: rows, reset and mask from ``base`` on."""
+
+    def __init__(self, lanes: int, block_steps: int):
+        self.lanes, self.block_steps = lanes, block_steps
+        self.base = 0  # the first step held (a multiple of block_steps)
+        self.free = np.zeros(lanes, np.int64)  # the step at which each lane is free
+        self.forward = np.zeros((lanes, 0), np.int32)
+        self.backward = np.zeros((lanes, 0), np.int32)
+        self.reset = np.zeros((lanes, 0), bool)
+        self.mask = np.zeros((lanes, 0), bool)
+
+    def place(self, index: np.ndarray, lengths: np.ndarray, token_rows: np.ndarray) -> Slots:
+        """Put sentences into lanes (``assign_lanes``) and their rows into the timeline.
+
+        index, lengths: (sentences,) input positions and token counts (>= 1); token_rows: (tokens,) their rows.
+        """
+        steps = lengths.astype(np.int64) + 2
+        lane, start = assign_lanes(self.free, steps)
+        self._grow(int(self.free.max()) - self.base)
+        forward, backward = slot_rows(token_rows, lengths)
+        lane_of_step = np.repeat(lane, steps)
+        slot_offsets = np.concatenate([[0], np.cumsum(steps)])
+        step = np.repeat(start - slot_offsets[:-1] - self.base, steps) + np.arange(slot_offsets[-1])
+        self.forward[lane_of_step, step] = forward
+        self.backward[lane_of_step, step] = backward
+        self.mask[lane_of_step, step] = True
+        self.reset[lane, start - self.base] = True
+        return Slots(index, lane, start, lengths)
+
+    def _grow(self, steps: int) -> None:
+        extra = steps - self.forward.shape[1]
+        if extra > 0:
+            extra = -(-max(extra, self.forward.shape[1]) // self.block_steps) * self.block_steps  # amortised
+            for name in ("forward", "backward", "reset", "mask"):
+                old = getattr(self, name)
+                setattr(self, name, np.concatenate([old, np.zeros((self.lanes, extra), old.dtype)], axis=1))
+
+    def pop_blocks(self, final: bool = False) -> list[Block]:
+        """The blocks whose every lane is decided (all of them with ``final``), removed from the timeline."""
+        end = int(self.free.max() if final else self.free.min()) - self.base
+        count = (-(-end // self.block_steps) if final else end // self.block_steps)
+        T = self.block_steps
+        self._grow(count * T)
+        blocks = [Block(self.forward[:, k * T : (k + 1) * T], self.backward[:, k * T : (k + 1) * T],
+                        self.reset[:, k * T : (k + 1) * T], self.mask[:, k * T : (k + 1) * T], self.base + k * T)
+                  for k in range(count)]
+        if count:
+            for name in ("forward", "backward", "reset", "mask"):
+                setattr(self, name, getattr(self, name)[:, count * T :].copy())
+            self.base += count * T
+        return blocks
+
+    def live_rows(self) -> np.ndarray:
+        """Table rows that placed but unemitted steps still read."""
+        return np.unique(np.concatenate([self.forward[self.mask], self.backward[self.mask]]))
+
+    def remap(self, old_to_new: np.ndarray) -> None:
+        """Rename table rows after ``TokenTable.compact``."""
+        self.forward = np.where(self.mask, old_to_new[self.forward], 0).astype(np.int32)
+        self.backward = np.where(self.mask, old_to_new[self.backward], 0).astype(np.int32)
+
+
+class TokenTable:
+    """Host map of the device's token table: token -> row, for ``capacity`` rows.
+
+    Rows 0 and 1 are <S> and </S>, then an optional pinned vocabulary (AllenNLP's vocab_to_cache), then
+    tokens as they come. When the table is full, ``compact`` keeps the pinned rows and the rows still in use.
+    """
+
+    def __init__(self, capacity: int, pinned: Sequence[str] = ()):
+        words = [BOS_TOKEN, EOS_TOKEN, *(w for w in dict.fromkeys(pinned) if w not in (BOS_TOKEN, EOS_TOKEN))]
+        if capacity < len(words):
+            raise ValueError(f"token table capacity {capacity} is smaller than the pinned vocabulary ({len(words)})")
+        self.capacity, self.n_pinned = capacity, len(words)
+        self.tokens: list[str] = words
+        self.rows: dict[str, int] = {w: i for i, w in enumerate(words)}
+
+    def lookup(self, tokens: list[str]) -> tuple[np.ndarray, list[str], int]:
+        """Rows of distinct ``tokens``; new ones are added.
+
+        Returns (rows (len(tokens),) int32, new tokens, first new row). The caller makes room first
+        (``compact``): ``free() >= len(tokens)``."""
+        get = self.rows.get
+        rows = np.fromiter((get(t, -1) for t in tokens), np.int32, len(tokens))
+        missing = np.flatnonzero(rows < 0)
+        first = len(self.tokens)
+        if len(missing):
+            new = [tokens[i] for i in missing.tolist()]
+            if first + len(new) > self.capacity:
+                raise ValueError(f"token table overflow: {first} + {len(new)} rows > capacity {self.capacity}")
+            rows[missing] = np.arange(first, first + len(new), dtype=np.int32)
+            self.rows.update(zip(new, range(first, first + len(new))))
+            self.tokens.extend(new)
+            return rows, new, first
+        return rows, [], first
+
+    def free(self) -> int:
+        return self.capacity - len(self.tokens)
+
+    def compact(self, live_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Keep the pinned rows and ``live_rows`` only, renumbered in order.
+
+        Returns old_to_new (capacity,) int32 (0 for dropped rows) and new_to_old (capacity,) int32: the gather
+        that moves the device table's rows (rows past the kept ones read row 0)."""
+        keep = np.union1d(np.arange(self.n_pinned), live_rows).astype(np.int32)
+        old_to_new = np.zeros(self.capacity, np.int32)
+        old_to_new[keep] = np.arange(len(keep), dtype=np.int32)
+        new_to_old = np.zeros(self.capacity, np.int32)
+        new_to_old[: len(keep)] = keep
+        self.tokens = [self.tokens[r] for r in keep.tolist()]
+        self.rows = {t: i for i, t in enumerate(self.tokens)}
+        return old_to_new, new_to_old
+
+
+def flat_token_ids(sentences: Sequence[Sequence[str]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Dedupe a window's tokens: (distinct tokens in first-seen order, (tokens,) int32 index into them,
+    (sentences,) int64 lengths)."""
+    lengths = np.fromiter(map(len, sentences), np.int64, len(sentences))
+    flat = list(itertools.chain.from_iterable(sentences))
+    distinct = dict.fromkeys(flat)
+    for i, token in enumerate(distinct):
+        distinct[token] = i
+    ids = np.fromiter(map(distinct.__getitem__, flat), np.int32, len(flat))
+    return list(distinct), ids, lengths
+
+
+class OutputRing:
+    """The last ``steps`` steps of every lane's block outputs, on the host, and the sentences they finish.
+
+    Block outputs are (*lead, lanes, block_steps, 2 * projection_dim) (lead = (layers,) for mode "all").
+    """
+
+    def __init__(self, lead: tuple[int, ...], lanes: int, block_steps: int, width: int, dtype=np.float32):
+        self.lead, self.lanes, self.block_steps, self.width, self.dtype = lead, lanes, block_steps, width, dtype
+        self.steps = 4 * block_steps
+        self.ring = np.zeros((*lead, lanes, self.steps, width), dtype)
+        self.pending: list[Slots] = []
+        self.done = 0  # steps received so far
+
+    def expect(self, slots: Slots) -> None:
+        """Sentences placed in lanes whose outputs will come; the ring grows to hold the longest."""
+        self.pending.append(slots)
+        longest = int(slots.length.max()) + 2 + self.block_steps
+        if longest > self.steps:
+            self._resize(-(-2 * longest // self.block_steps) * self.block_steps)
+
+    def _resize(self, steps: int) -> None:
+        ring = np.zeros((*self.lead, self.lanes, steps, self.width), self.dtype)
+        kept = np.arange(max(0, self.done - self.steps), self.done)
+        ring[..., kept % steps, :] = self.ring[..., kept % self.steps, :]
+        self.ring, self.steps = ring, steps
+
+    def add(self, block_output: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Store the next block; return the sentences it finishes as [(input index, (*lead, n, width))]."""
+        at = self.done % self.steps
+        self.ring[..., at : at + self.block_steps, :] = block_output
+        self.done += self.block_steps
+        finished = []
+        still = []
+        for slots in self.pending:
+            over = slots.start + slots.length + 2 <= self.done
+            if over.all():
+                finished.append(slots)
+            elif over.any():
+                finished.append(Slots(*(a[over] for a in slots)))
+                still.append(Slots(*(a[~over] for a in slots)))
+            else:
+                still.append(slots)
+        self.pending = still
+        out = []
+        for slots in finished:
+            out.extend(self._gather(slots))
+        return out
+
+    def _gather(self, slots: Slots) -> list[tuple[int, np.ndarray]]:
+        lengths = slots.length
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        j = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)  # token position within its sentence
+        start = np.repeat(slots.start, lengths)
+        lane = np.repeat(slots.lane, lengths)
+        half = self.width // 2
+        tokens = np.empty((*self.lead, offsets[-1], self.width), self.dtype)  # (*lead, tokens, width)
+        tokens[..., :half] = self.ring[..., lane, (start + 1 + j) % self.steps, :half]
+        tokens[..., half:] = self.ring[..., lane, (start + np.repeat(lengths, lengths) - j) % self.steps, half:]
+        return [(i, tokens[..., a:b, :]) for i, a, b in zip(slots.index.tolist(), offsets[:-1].tolist(),
+                                                           offsets[1:].tolist())]
