@@ -32,7 +32,7 @@ import numpy as np
 from . import char_cnn
 from .bilm import COMPUTE_DTYPES, BiLM, bilstm, initial_state, stacked_lstm_params, token_embedding
 from .characters import TokenError, token_to_char_ids
-from .lanes import Block, OutputRing, Timeline, TokenTable, flat_token_ids
+from .lanes import GatherPlan, Slots, Timeline, TokenTable, flat_token_ids
 from .options import BiLMOptions
 from .sharding import by_batch, data_mesh, replicated, round_up
 
@@ -43,8 +43,9 @@ BLOCK_STEPS = {"cpu": 32}  # elsewhere 64
 TABLE_BYTES = 64 << 20  # token table on the device (rows of projection_dim), at least TABLE_MIN_ROWS rows
 TABLE_MIN_ROWS = 8192
 INSERT_SIZES = {"short": (64, 256, 1024), "long": (16, 128)}  # new tokens per char-CNN call
-WINDOW_PER_LANE = 8  # sentences read and packed at a time, per lane
-IN_FLIGHT = 2  # blocks dispatched ahead of the one being copied back
+WINDOW_PER_LANE = 2  # sentences read and packed at a time, per lane
+RING_STEPS = 256  # steps of each lane's outputs kept on the device (doubled when a long sentence needs it)
+IN_FLIGHT = 2  # gathers dispatched ahead of the one being copied back
 
 
 def default_lanes(platform: str, n_devices: int) -> int:
@@ -98,8 +99,8 @@ def embed_block(params: dict, options: BiLMOptions, table: jax.Array, state, for
       the backward LM's reversed within each sentence's slot; reset, mask: (lanes, steps) bool; state: BiLMState
       of (lanes, ...) at the block's first step.
     Returns:
-      float32 (layers, lanes, steps, 2 * projection_dim) for mode "all", else (lanes, steps, 2 * projection_dim),
-      the last axis [forward at step t, backward at step t of the reversed slot]; and the state after the block.
+      (lanes, steps, layers, 2 * projection_dim) for mode "all", else (lanes, steps, 2 * projection_dim), the
+      last axis [forward at step t, backward at step t of the reversed slot]; and the state after the block.
     """
     forward_x = jnp.take(table, forward, axis=0)  # (lanes, steps, projection_dim)
     backward_x = jnp.take(table, backward, axis=0)
@@ -108,8 +109,39 @@ def embed_block(params: dict, options: BiLMOptions, table: jax.Array, state, for
         outputs, state = bilstm(params["lstm"], options, forward_x, mask, state, backward_x=backward_x, reset=reset,
                                fuse_inputs=True)
         layers += outputs
-    activations = jnp.stack(layers)  # (layers, lanes, steps, 2 * projection_dim)
-    return _reduce_layers(activations, mode, weights).astype(jnp.float32), state
+    activations = _reduce_layers(jnp.stack(layers), mode, weights)  # ([layers,] lanes, steps, 2 * projection_dim)
+    return (jnp.moveaxis(activations, 0, 2) if mode == "all" else activations), state
+
+
+def write_block(params: dict, options: BiLMOptions, table: jax.Array, state, ring: jax.Array, first_step: jax.Array,
+                forward, backward, reset, mask, mode: str = "all", weights: jax.Array | None = None):
+    """``embed_block``, its outputs written into the ring of recent steps.
+
+    Args:
+      ring: (lanes, ring_steps, [layers,] 2 * projection_dim), ring_steps a multiple of the block's steps;
+      first_step: () int32, where the block goes: its first step modulo ring_steps.
+    Returns:
+      the state after the block and the ring.
+    """
+    out, state = embed_block(params, options, table, state, forward, backward, reset, mask, mode, weights)
+    start = (0, first_step) + (0,) * (ring.ndim - 2)
+    return state, jax.lax.dynamic_update_slice(ring, out.astype(ring.dtype), start)
+
+
+def gather_tokens(ring: jax.Array, forward_at: jax.Array, backward_at: jax.Array) -> jax.Array:
+    """Sentences' token vectors read from the ring, the backward half of each token from its reversed slot.
+
+    Args:
+      ring: (lanes, ring_steps, [layers,] width); forward_at, backward_at: (rows,) int32 positions
+      lane * ring_steps + step of each token's forward and backward halves.
+    Returns:
+      (rows, [layers,] width).
+    """
+    flat = ring.reshape(-1, *ring.shape[2:])  # (lanes * ring_steps, [layers,] width)
+    half = ring.shape[-1] // 2
+    forward = jnp.take(flat, forward_at, axis=0)[..., :half]
+    backward = jnp.take(flat, backward_at, axis=0)[..., half:]
+    return jnp.concatenate([forward, backward], axis=-1)
 
 
 class Embedder:
@@ -158,7 +190,9 @@ class Embedder:
         self.compilations = 0  # programs traced so far (each jitted piece counts once per shape)
         self._insert = jax.jit(self._traced_insert, donate_argnums=(1,))
         self._permute = jax.jit(self._traced_permute)
-        self._block = jax.jit(self._traced_block, static_argnames=("mode",), donate_argnums=(2,))
+        self._block = jax.jit(self._traced_block, static_argnames=("mode",), donate_argnums=(2, 3))
+        self._gather = jax.jit(self._traced_gather)
+        self._relayout = jax.jit(self._traced_relayout, donate_argnums=(0,))
         pinned = [] if vocab is None else list(vocab)
         projection_dim = self.options.lstm.projection_dim
         capacity = max(TABLE_BYTES // (projection_dim * np.dtype(self.dtype).itemsize), TABLE_MIN_ROWS,
@@ -178,9 +212,18 @@ class Embedder:
         self.compilations += 1
         return jnp.take(table, new_to_old, axis=0)
 
-    def _traced_block(self, params, table, state, forward, backward, reset, mask, weights, *, mode):
+    def _traced_block(self, params, table, state, ring, first_step, forward, backward, reset, mask, weights, *, mode):
         self.compilations += 1
-        return embed_block(params, self.options, table, state, forward, backward, reset, mask, mode, weights)
+        return write_block(params, self.options, table, state, ring, first_step, forward, backward, reset, mask,
+                           mode, weights)
+
+    def _traced_gather(self, ring, forward_at, backward_at):
+        self.compilations += 1
+        return gather_tokens(ring, forward_at, backward_at)
+
+    def _traced_relayout(self, ring, source):
+        self.compilations += 1
+        return jnp.take(ring, source, axis=1)
 
     # ----- device side: the token table and the blocks -----
     def _new_table(self, capacity: int) -> jax.Array:
@@ -235,6 +278,22 @@ class Embedder:
         TokenError naming its index, or with ``allow_empty`` yields an array with 0 tokens (NaN sentence vector).
         ``batch_size``: lanes for this call (default the Embedder's).
         """
+        for rows, lengths in self.embed_rows(sentences, mode, batch_size, allow_empty):
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+            for a, b in zip(offsets[:-1], offsets[1:]):
+                value = np.moveaxis(rows[a:b], 0, -2)  # ([layers,] n, dim)
+                yield (value.mean(axis=-2) if b > a else np.full(value.shape[:-2] + value.shape[-1:], np.nan,
+                                                                   value.dtype)) if sentence_vectors else value
+
+    def embed_rows(self, sentences: Iterable[Sequence[str]], mode: str | Sequence[float] = "all",
+                   batch_size: int | None = None, allow_empty: bool = False,
+                   output_dtype: str = "float32") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Embed a stream of tokenized sentences; yields their token vectors in input order, many sentences at once.
+
+        Yields (rows, lengths): rows (tokens, [layers,] dim) in ``output_dtype``, the tokens of consecutive
+        sentences back to back, and lengths (sentences,) their token counts (0 for an allowed empty sentence).
+        The cheapest way to a file: the device has already put each token's vectors in place.
+        """
         lanes = _check_positive("batch_size", batch_size) or self.lanes
         mode, weights = self._mode(mode)
         shared = self._table_lock.acquire(blocking=False)
@@ -246,7 +305,7 @@ class Embedder:
         stream = _Stream(self, sentences, lanes, tokens, allow_empty)
         completed = False
         try:
-            yield from self._run(stream, device, mode, weights, sentence_vectors)
+            yield from self._run(stream, device, mode, weights, np.dtype(output_dtype))
             completed = True
         finally:
             stream.stop()
@@ -256,56 +315,76 @@ class Embedder:
                     tokens.compact(np.zeros(0, np.int32))
                 self._table_lock.release()
 
-    def _run(self, stream: _Stream, device: _DeviceTable, mode: str, weights, sentence_vectors: bool):
-        layers, width = self.options.n_representation_layers, self.options.output_dim
-        lead = (layers,) if mode == "all" else ()
-        shard = by_batch(self.mesh)
-        results: dict[int, np.ndarray] = {}
-        next_index = 0
+    def _run(self, stream: _Stream, device: _DeviceTable, mode: str, weights, dtype: np.dtype):
+        """Dispatch the stream's table updates, blocks and gathers; yield gathered rows in input order."""
+        lead = (self.options.n_representation_layers,) if mode == "all" else ()
+        width = self.options.output_dim
+        by_lane, everywhere = by_batch(self.mesh), replicated(self.mesh)
+        plan = GatherPlan(round_up(RING_STEPS, self.block_steps))
         in_flight: collections.deque = collections.deque()
-        ring = state = None
+        ring = state = rows = None
+        done = 0  # steps written into the ring
 
-        def collect(output):
-            for index, value in ring.add(np.asarray(output)):
-                results[index] = value.mean(axis=-2) if sentence_vectors else value
+        def gather(limit: float) -> bool:
+            """Dispatch the reading of the next ready sentences (those finished by step ``limit``)."""
+            taken = plan.take(limit, rows)
+            if taken is None:
+                return False
+            if not taken.length.any():  # only empty sentences
+                in_flight.append(([], taken))
+            elif self.stand_in_device:
+                in_flight.append(([np.zeros((max(rows, int(taken.length.sum())), *lead, width), dtype)], taken))
+            else:
+                forward_at, backward_at = plan.positions(taken, rows)
+                parts = [self._gather(ring, *jax.device_put((forward_at[k : k + rows], backward_at[k : k + rows]),
+                                                            everywhere))
+                         for k in range(0, len(forward_at), rows)]  # one part unless a sentence is longer than rows
+                in_flight.append((parts, taken))
+            return True
+
+        def collect():
+            parts, taken = in_flight.popleft()
+            n = int(taken.length.sum())
+            out = np.asarray(parts[0]) if len(parts) == 1 else np.concatenate([np.asarray(p) for p in parts])
+            return out[:n] if parts else np.zeros((0, *lead, width), dtype), taken.length
 
         for kind, item in stream:
             if kind == "block":
-                block: Block = item
-                arrays = (block.forward, block.backward, block.reset, block.mask)
-                if self.stand_in_device:
-                    output = np.zeros((*lead, ring.lanes, self.block_steps, width), np.float32)
-                else:
-                    output, state = self._block(self.params, device.table, state, *jax.device_put(arrays, shard),
-                                                weights, mode=mode)
-                in_flight.append(output)
-                if len(in_flight) > IN_FLIGHT:
-                    collect(in_flight.popleft())
+                end = item.first_step + self.block_steps
+                while plan.oldest_start() < end - plan.steps:  # the block would overwrite steps not read yet
+                    if not gather(done):
+                        source = plan.relayout(done, 2 * plan.steps)  # a long sentence: a longer ring
+                        if not self.stand_in_device:
+                            ring = self._relayout(ring, jax.device_put(source, everywhere))
+                if not self.stand_in_device:
+                    arrays = jax.device_put((item.forward, item.backward, item.reset, item.mask), by_lane)
+                    state, ring = self._block(self.params, device.table, state, ring,
+                                              np.int32(item.first_step % plan.steps), *arrays, weights, mode=mode)
+                done = end
+                while plan.ready_tokens(done) >= rows and gather(done):
+                    pass
             elif kind == "slots":
-                ring.expect(item)
+                plan.add(item)
             elif kind == "insert":
                 first_row, new = item
                 device.table = self._fill(device.table, first_row, new)
             elif kind == "permute":
                 if not self.stand_in_device:
-                    device.table = self._permute(device.table, jax.device_put(item, replicated(self.mesh)))
+                    device.table = self._permute(device.table, jax.device_put(item, everywhere))
             elif kind == "grow":
                 if not self.stand_in_device:
                     grown = jnp.pad(device.table, ((0, item - device.table.shape[0]), (0, 0)))
-                    device.table = jax.device_put(grown, replicated(self.mesh))
-            elif kind == "empty":
-                empty = np.zeros((*lead, 0, width), np.float32)
-                for index in item:
-                    results[index] = np.full((*lead, width), np.nan, np.float32) if sentence_vectors else empty
+                    device.table = jax.device_put(grown, everywhere)
             elif kind == "lanes":
-                ring = OutputRing(lead, item, self.block_steps, width)
-                state = jax.device_put(initial_state(self.options, item, self.dtype), shard)
+                rows = item * self.block_steps  # tokens per gather: what a block takes in
+                if not self.stand_in_device:
+                    state = jax.device_put(initial_state(self.options, item, self.dtype), by_lane)
+                    ring = jax.device_put(np.zeros((item, plan.steps, *lead, width), dtype), by_lane)
             elif kind == "end":
-                while in_flight:
-                    collect(in_flight.popleft())
-            while next_index in results:
-                yield results.pop(next_index)
-                next_index += 1
+                while gather(float("inf")):
+                    pass
+            while len(in_flight) > (0 if kind == "end" else IN_FLIGHT):
+                yield collect()
 
     def embed_file(self, input_file, output_file: str | os.PathLike, mode: str | Sequence[float] = "all",
                    batch_size: int | None = None, empty_lines: str = "error", progress: bool = True,
@@ -360,15 +439,15 @@ class Embedder:
             with h5py.File(tmp, "w") as f, _BackgroundWriter(EmbeddingWriter(f, layout=layout,
                                                                               output_dtype=output_dtype,
                                                                               attrs=attrs)) as writer:
-                batch: list[np.ndarray] = []
-                for array in self.embed_sentences(tokenized(), mode, batch_size, allow_empty=True):
-                    batch.append(array)
-                    if len(batch) == 256:
-                        _count(stats, batch, bar)
-                        writer.write(batch)
-                        batch = []
-                _count(stats, batch, bar)
-                writer.write(batch)
+                for rows, lengths in self.embed_rows(tokenized(), mode, batch_size, allow_empty=True,
+                                                     output_dtype=output_dtype):
+                    writer.write_rows(rows, lengths)
+                    stats["sentences"] += len(lengths)
+                    stats["tokens"] += len(rows)
+                    bar.update(len(lengths))
+                    if not bar.disable:
+                        rate = stats["tokens"] / max(bar.format_dict["elapsed"], 1e-9)
+                        bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
                 writer.finish(index)
             bar.close()
             stats["seconds"] = time.perf_counter() - started
@@ -381,7 +460,8 @@ class _Stream:
     """The host side in a background thread: windows of sentences -> token table updates, lane slots, blocks.
 
     Iterating gives (kind, item) in order: ("lanes", n) first, then "insert" (first row, new tokens), "permute"
-    (new_to_old rows), "grow" (capacity), "slots" (Slots), "empty" (indices), "block" (Block), and "end". An
+    (new_to_old rows), "grow" (capacity), "slots" (Slots of a window, in input order, empty sentences with length
+    0), "block" (Block), and "end". An
     error in the thread (bad input, an interrupted read) is raised in the iterating thread.
     """
 
@@ -458,27 +538,28 @@ class _Stream:
         self._put("end")
 
     def _place(self, timeline: Timeline, window: list, start: int) -> None:
-        positions = np.arange(start, start + len(window))
-        lengths_all = np.fromiter(map(len, window), np.int64, len(window))
-        if not lengths_all.all():
-            self._put("empty", positions[lengths_all == 0].tolist())
-            window = [s for s in window if len(s) > 0]
-            positions = positions[lengths_all > 0]
-            if not window:
-                return
-        distinct, ids, lengths = flat_token_ids(window)
-        tokens = self.tokens
-        if tokens.free() < len(distinct):
-            old_to_new, new_to_old = tokens.compact(timeline.live_rows())
-            timeline.remap(old_to_new)
-            self._put("permute", new_to_old)
-            if tokens.free() < len(distinct):  # rare: a huge window; a larger table (one more compilation)
-                tokens.capacity = round_up(len(tokens.tokens) + len(distinct), tokens.capacity)
-                self._put("grow", tokens.capacity)
-        rows, new, first_row = tokens.lookup(distinct)
-        if new:
-            self._put("insert", (first_row, new))
-        self._put("slots", timeline.place(positions, lengths, rows[ids]))
+        """Dedupe a window's tokens against the table, put its sentences into lanes, announce its slots."""
+        lengths = np.fromiter(map(len, window), np.int64, len(window))
+        real = lengths > 0
+        slots = Slots(np.arange(start, start + len(window)), np.zeros(len(window), np.int64),
+                      np.zeros(len(window), np.int64), lengths)
+        if real.any():
+            window = [s for s, keep in zip(window, real.tolist()) if keep] if not real.all() else window
+            distinct, ids, _ = flat_token_ids(window)
+            tokens = self.tokens
+            if tokens.free() < len(distinct):
+                old_to_new, new_to_old = tokens.compact(timeline.live_rows())
+                timeline.remap(old_to_new)
+                self._put("permute", new_to_old)
+                if tokens.free() < len(distinct):  # rare: a huge window; a larger table (one more compilation)
+                    tokens.capacity = round_up(len(tokens.tokens) + len(distinct), tokens.capacity)
+                    self._put("grow", tokens.capacity)
+            rows, new, first_row = tokens.lookup(distinct)
+            if new:
+                self._put("insert", (first_row, new))
+            placed = timeline.place(slots.index[real], lengths[real], rows[ids])
+            slots.lane[real], slots.start[real] = placed.lane, placed.start
+        self._put("slots", slots)
 
 
 class _DeviceTable:
@@ -504,19 +585,19 @@ class _BackgroundWriter:
 
     def _work(self) -> None:
         while True:
-            batch = self.queue.get()
-            if batch is None:
+            item = self.queue.get()
+            if item is None:
                 return
             if self.error is None:
                 try:
-                    self.writer.write(batch)
+                    self.writer.write_rows(*item)
                 except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
                     self.error = error
 
-    def write(self, batch: list[np.ndarray]) -> None:
+    def write_rows(self, rows: np.ndarray, lengths: np.ndarray) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put(batch)
+        self.queue.put((rows, lengths))
 
     def finish(self, sentence_to_index: dict) -> dict:
         self.queue.put(None)
@@ -555,15 +636,6 @@ def _progress_bar(total: int | None, enabled: bool):
 
     return tqdm(total=total, disable=not enabled, unit=" lines", file=sys.stderr, dynamic_ncols=True,
                 smoothing=0.1)
-
-
-def _count(stats: dict, batch: list[np.ndarray], bar) -> None:
-    tokens = sum(a.shape[-2] for a in batch)
-    stats["sentences"] += len(batch)
-    stats["tokens"] += tokens
-    bar.update(len(batch))
-    if not bar.disable:
-        bar.set_postfix_str(f"{stats['tokens'] / max(bar.format_dict['elapsed'], 1e-9):,.0f} tokens/s", refresh=False)
 
 
 def _check_sentence(sentence, index: int, allow_empty: bool) -> None:

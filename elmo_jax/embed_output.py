@@ -91,14 +91,37 @@ class EmbeddingWriter:
             self.n_sentences += 1
             self.n_tokens += a.shape[-2]
 
-    def _append(self, rows: np.ndarray) -> None:
-        """Copy one sentence's rows (n, ...) into the buffer, writing it out whenever it is full."""
+    def write_rows(self, rows: np.ndarray, lengths: Sequence[int]) -> None:
+        """Append the next sentences in input order as one array: rows (tokens, [layers,] dim), the tokens of
+        consecutive sentences back to back, lengths (sentences,) their token counts (``Embedder.embed_rows``)."""
+        lengths = np.asarray(lengths, np.int64)
+        if rows.ndim not in (2, 3) or len(rows) != lengths.sum():
+            raise ValueError(f"sentence {self.n_sentences}: expected rows (tokens, [layers,] dim) with "
+                             f"{int(lengths.sum())} tokens, found shape {rows.shape}")
+        if self.layout == "allennlp":
+            ends = np.cumsum(lengths).tolist()
+            for start, end in zip([0, *ends[:-1]], ends):
+                self.f.create_dataset(str(self.n_sentences), data=np.moveaxis(rows[start:end], 0, -2).astype(
+                    self.dtype))
+                self.n_sentences += 1
+            self.n_tokens += len(rows)
+            return
+        self._append(rows, lengths)
+        self.n_sentences += len(lengths)
+        self.n_tokens += len(rows)
+
+    def _append(self, rows: np.ndarray, lengths: np.ndarray | None = None) -> None:
+        """Copy one sentence's rows (n, ...), or several sentences' (``lengths``), into the buffer, writing it out
+        whenever it is full."""
         if self._buffer is None:
             self._create(rows.shape[1:])
         if rows.shape[1:] != self._buffer.shape[1:]:
             raise ValueError(f"sentence {self.n_sentences}: packed layout needs the (layers, dim) of sentence 0, "
                              f"{self._buffer.shape[1:]}, found {rows.shape[1:]}")
-        self._offsets.append(self._offsets[-1] + len(rows))
+        if lengths is None:
+            self._offsets.append(self._offsets[-1] + len(rows))
+        else:
+            self._offsets.extend((self._offsets[-1] + np.cumsum(lengths)).tolist())
         while len(rows):
             take = min(len(rows), len(self._buffer) - self._filled)
             self._buffer[self._filled : self._filled + take] = rows[:take]  # casts to output_dtype
@@ -116,7 +139,13 @@ class EmbeddingWriter:
     def _flush(self) -> None:
         end = self._written + self._filled
         self._dataset.resize(end, axis=0)
-        self._dataset[self._written : end] = self._buffer[: self._filled]
+        chunk = self._dataset.chunks[0]
+        whole = self._filled // chunk * chunk  # whole chunks go straight to the file (5x faster than h5py's path)
+        for row in range(0, whole, chunk):
+            self._dataset.id.write_direct_chunk((self._written + row,) + (0,) * (self._buffer.ndim - 1),
+                                                self._buffer[row : row + chunk])
+        if whole < self._filled:  # the last, partial chunk (written is always a whole number of chunks)
+            self._dataset[self._written + whole : end] = self._buffer[whole : self._filled]
         self._written, self._filled = end, 0
 
     def finish(self, sentence_to_index: dict[str, str]) -> dict:

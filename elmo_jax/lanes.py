@@ -221,63 +221,80 @@ def flat_token_ids(sentences: Sequence[Sequence[str]]) -> tuple[list[str], np.nd
     return list(distinct), ids, lengths
 
 
-class OutputRing:
-    """The last ``steps`` steps of every lane's block outputs, on the host, and the sentences they finish.
+class GatherPlan:
+    """Which steps of the device's output ring to read, sentence by sentence, in input order.
 
-    Block outputs are (*lead, lanes, block_steps, 2 * projection_dim) (lead = (layers,) for mode "all").
+    The ring holds the last ``steps`` steps of every lane (block b is written at step (b * block_steps) %
+    steps), so a sentence can be read once its last step is written and until the ring comes round to its
+    first. Sentences are read in input order, whole, up to ``rows`` tokens at a time: the device gathers them
+    into one (rows, ...) array that the host hands on as it is.
     """
 
-    def __init__(self, lead: tuple[int, ...], lanes: int, block_steps: int, width: int, dtype=np.float32):
-        self.lead, self.lanes, self.block_steps, self.width, self.dtype = lead, lanes, block_steps, width, dtype
-        self.steps = 4 * block_steps
-        self.ring = np.zeros((*lead, lanes, self.steps, width), dtype)
-        self.pending: list[Slots] = []
-        self.done = 0  # steps received so far
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.index = np.zeros(0, np.int64)  # the sentences not read yet, in input order
+        self.lane = np.zeros(0, np.int64)
+        self.start = np.zeros(0, np.int64)
+        self.length = np.zeros(0, np.int64)
 
-    def expect(self, slots: Slots) -> None:
-        """Sentences placed in lanes whose outputs will come; the ring grows to hold the longest."""
-        self.pending.append(slots)
-        longest = int(slots.length.max()) + 2 + self.block_steps
-        if longest > self.steps:
-            self._resize(-(-2 * longest // self.block_steps) * self.block_steps)
+    def add(self, slots: Slots) -> None:
+        """The next sentences in input order (empty ones have length 0 and are ready at once)."""
+        for name in ("index", "lane", "start", "length"):
+            setattr(self, name, np.concatenate([getattr(self, name), getattr(slots, name).astype(np.int64)]))
 
-    def _resize(self, steps: int) -> None:
-        ring = np.zeros((*self.lead, self.lanes, steps, self.width), self.dtype)
-        kept = np.arange(max(0, self.done - self.steps), self.done)
-        ring[..., kept % steps, :] = self.ring[..., kept % self.steps, :]
-        self.ring, self.steps = ring, steps
+    def __len__(self) -> int:
+        return len(self.index)
 
-    def add(self, block_output: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """Store the next block; return the sentences it finishes as [(input index, (*lead, n, width))]."""
-        at = self.done % self.steps
-        self.ring[..., at : at + self.block_steps, :] = block_output
-        self.done += self.block_steps
-        finished = []
-        still = []
-        for slots in self.pending:
-            over = slots.start + slots.length + 2 <= self.done
-            if over.all():
-                finished.append(slots)
-            elif over.any():
-                finished.append(Slots(*(a[over] for a in slots)))
-                still.append(Slots(*(a[~over] for a in slots)))
-            else:
-                still.append(slots)
-        self.pending = still
-        out = []
-        for slots in finished:
-            out.extend(self._gather(slots))
-        return out
+    def oldest_start(self) -> float:
+        """The first step still to be read (inf when nothing is waiting)."""
+        real = self.length > 0
+        return float(self.start[real].min()) if real.any() else float("inf")
 
-    def _gather(self, slots: Slots) -> list[tuple[int, np.ndarray]]:
+    def ready(self, done: int) -> int:
+        """How many of the next sentences have all their steps in the ring (``done`` steps written)."""
+        finished = np.where(self.length > 0, self.start + self.length + 2, 0) <= done
+        return len(finished) if finished.all() else int(np.argmin(finished))
+
+    def ready_tokens(self, done: int) -> int:
+        return int(self.length[: self.ready(done)].sum())
+
+    def take(self, done: int, rows: int) -> Slots | None:
+        """The next ready sentences with at most ``rows`` tokens in all (or one longer sentence alone)."""
+        count = self.ready(done)
+        if count == 0:
+            return None
+        within = int(np.searchsorted(np.cumsum(self.length[:count]), rows, side="right"))
+        count = max(within, 1)
+        taken = Slots(self.index[:count], self.lane[:count], self.start[:count], self.length[:count])
+        for name in ("index", "lane", "start", "length"):
+            setattr(self, name, getattr(self, name)[count:])
+        return taken
+
+    def positions(self, slots: Slots, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ring positions (lane * steps + step % steps) of the forward and backward halves of each token.
+
+        Token j of a sentence of n tokens in slot [a, a + n + 2): forward at step a + 1 + j, backward at step
+        a + n - j (its slot is reversed). Returns two (k,) int32 arrays, k = the tokens rounded up to a multiple
+        of ``rows`` (padding reads position 0).
+        """
         lengths = slots.length
+        total = int(lengths.sum())
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        j = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)  # token position within its sentence
+        j = np.arange(total) - np.repeat(offsets[:-1], lengths)  # token position within its sentence
+        base = np.repeat(slots.lane * self.steps, lengths)
         start = np.repeat(slots.start, lengths)
-        lane = np.repeat(slots.lane, lengths)
-        half = self.width // 2
-        tokens = np.empty((*self.lead, offsets[-1], self.width), self.dtype)  # (*lead, tokens, width)
-        tokens[..., :half] = self.ring[..., lane, (start + 1 + j) % self.steps, :half]
-        tokens[..., half:] = self.ring[..., lane, (start + np.repeat(lengths, lengths) - j) % self.steps, half:]
-        return [(i, tokens[..., a:b, :]) for i, a, b in zip(slots.index.tolist(), offsets[:-1].tolist(),
-                                                           offsets[1:].tolist())]
+        padded = max(rows, -(-total // rows) * rows)
+        forward = np.zeros(padded, np.int32)
+        backward = np.zeros(padded, np.int32)
+        forward[:total] = base + (start + 1 + j) % self.steps
+        backward[:total] = base + (start + np.repeat(lengths, lengths) - j) % self.steps
+        return forward, backward
+
+    def relayout(self, done: int, steps: int) -> np.ndarray:
+        """Grow the ring to ``steps``: (steps,) int32, the old ring step that each new step takes (the last
+        old-ring-size steps before ``done`` keep their places modulo the new size)."""
+        source = np.zeros(steps, np.int32)
+        kept = np.arange(max(0, done - self.steps), done)
+        source[kept % steps] = kept % self.steps
+        self.steps = steps
+        return source

@@ -9,7 +9,7 @@ from elmo_jax.characters import TokenError
 from elmo_jax.cli import main
 from elmo_jax import embed
 from elmo_jax.embed import Embedder
-from elmo_jax.lanes import OutputRing, Slots, Timeline, assign_lanes, slot_rows
+from elmo_jax.lanes import GatherPlan, Slots, Timeline, assign_lanes, slot_rows
 from tests import reference
 
 WORDS = "the bank raised its interest rates . I went to river and deposited money in a very long sentence".split()
@@ -217,18 +217,21 @@ def test_slots_reset_and_reverse_each_sentence():
     assert blocks[1].mask.tolist() == [[True, False, False, False], [True, True, True, False]]
 
 
-def test_output_ring_unreverses_the_backward_half_across_blocks():
-    # 1 lane, blocks of 2 steps, forward half of step t = 10 * t, backward half = -t; a sentence of 4 tokens at
-    # steps 1..6 (after one of 0 steps' worth: start 1), and the ring grows to hold it
-    ring = OutputRing((), lanes=1, block_steps=2, width=2)
-    ring.expect(Slots(np.array([7]), np.array([0]), np.array([1]), np.array([4])))
-    out = []
-    for first in range(0, 8, 2):
-        steps = np.arange(first, first + 2, dtype=np.float32)
-        out += ring.add(np.stack([10 * steps, -steps], axis=-1)[None])
-    ((index, value),) = out
-    assert index == 7
-    np.testing.assert_array_equal(value, [[20, -5], [30, -4], [40, -3], [50, -2]])
+def test_gather_plan_reads_whole_sentences_in_input_order_and_unreverses_the_backward_half():
+    # ring of 8 steps, 2 lanes: sentence 5 (3 tokens) in lane 1 at steps 6..10, sentence 6 empty, sentence 7
+    # (1 token) in lane 0 at steps 0..2
+    plan = GatherPlan(steps=8)
+    plan.add(Slots(np.array([5, 6, 7]), np.array([1, 0, 0]), np.array([6, 0, 0]), np.array([3, 0, 1])))
+    assert plan.oldest_start() == 0 and plan.ready(done=8) == 0  # sentence 5 ends at step 10
+    assert plan.ready(done=11) == 3 and plan.ready_tokens(done=11) == 4
+    taken = plan.take(done=11, rows=3)  # sentences 5 and 6 (empty): with 7 they would be 4 tokens
+    assert taken.index.tolist() == [5, 6] and len(plan) == 1
+    forward, backward = plan.positions(taken, rows=3)
+    assert forward.tolist() == [8 + 7, 8 + 0, 8 + 1]  # steps 7, 8, 9 modulo 8 in lane 1
+    assert backward.tolist() == [8 + 1, 8 + 0, 8 + 7]  # steps 9, 8, 7: the slot reversed
+    assert plan.take(done=11, rows=3).index.tolist() == [7] and plan.oldest_start() == float("inf")
+    source = GatherPlan(steps=4).relayout(done=10, steps=8)  # steps 6..9 were at 2, 3, 0, 1
+    assert source[[6, 7, 0, 1]].tolist() == [2, 3, 0, 1]
 
 
 def test_short_tokens_skip_padding_windows_exactly(tiny_model):
