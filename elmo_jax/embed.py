@@ -286,13 +286,14 @@ class Embedder:
                                                                    value.dtype)) if sentence_vectors else value
 
     def embed_rows(self, sentences: Iterable[Sequence[str]], mode: str | Sequence[float] = "all",
-                   batch_size: int | None = None, allow_empty: bool = False,
-                   output_dtype: str = "float32") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                   batch_size: int | None = None, allow_empty: bool = False, output_dtype: str = "float32",
+                   validate: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Embed a stream of tokenized sentences; yields their token vectors in input order, many sentences at once.
 
         Yields (rows, lengths): rows (tokens, [layers,] dim) in ``output_dtype``, the tokens of consecutive
         sentences back to back, and lengths (sentences,) their token counts (0 for an allowed empty sentence).
-        The cheapest way to a file: the device has already put each token's vectors in place.
+        The cheapest way to a file: the device has already put each token's vectors in place. ``validate=False``
+        skips checking that every token is a non-empty str (for tokenizer output, which is).
         """
         lanes = _check_positive("batch_size", batch_size) or self.lanes
         mode, weights = self._mode(mode)
@@ -302,7 +303,7 @@ class Embedder:
         else:  # another stream is running on this Embedder: a private table
             tokens = TokenTable(self._capacity, self._tokens.tokens[2 : self._tokens.n_pinned])
             device = _DeviceTable(self._fill(self._new_table(self._capacity), 0, tokens.tokens))
-        stream = _Stream(self, sentences, lanes, tokens, allow_empty)
+        stream = _Stream(self, sentences, lanes, tokens, allow_empty, validate)
         completed = False
         try:
             yield from self._run(stream, device, mode, weights, np.dtype(output_dtype))
@@ -440,7 +441,7 @@ class Embedder:
                                                                               output_dtype=output_dtype,
                                                                               attrs=attrs)) as writer:
                 for rows, lengths in self.embed_rows(tokenized(), mode, batch_size, allow_empty=True,
-                                                     output_dtype=output_dtype):
+                                                     output_dtype=output_dtype, validate=False):
                     writer.write_rows(rows, lengths)
                     stats["sentences"] += len(lengths)
                     stats["tokens"] += len(rows)
@@ -466,8 +467,8 @@ class _Stream:
     """
 
     def __init__(self, embedder: Embedder, sentences: Iterable[Sequence[str]], lanes: int, tokens: TokenTable,
-                 allow_empty: bool):
-        self.embedder, self.tokens, self.allow_empty = embedder, tokens, allow_empty
+                 allow_empty: bool, validate: bool = True):
+        self.embedder, self.tokens, self.allow_empty, self.validate = embedder, tokens, allow_empty, validate
         self.lanes = round_up(lanes, embedder.n_devices)
         self.queue: queue.Queue = queue.Queue(maxsize=64)
         self.stopped = threading.Event()
@@ -515,8 +516,7 @@ class _Stream:
     def _pack(self, stream: Iterator) -> None:
         window_size = WINDOW_PER_LANE * self.lanes
         window = list(itertools.islice(stream, window_size))
-        for offset, sentence in enumerate(window):
-            _check_sentence(sentence, offset, self.allow_empty)
+        self._check(window, 0)
         lanes = self.lanes
         nonempty = sum(1 for s in window if len(s) > 0)
         if len(window) < window_size:  # the whole input is this window: fewer lanes will do
@@ -526,8 +526,7 @@ class _Stream:
         start = 0
         while window:
             if start:
-                for offset, sentence in enumerate(window):
-                    _check_sentence(sentence, start + offset, self.allow_empty)
+                self._check(window, start)
             self._place(timeline, window, start)
             for block in timeline.pop_blocks():
                 self._put("block", block)
@@ -536,6 +535,11 @@ class _Stream:
         for block in timeline.pop_blocks(final=True):
             self._put("block", block)
         self._put("end")
+
+    def _check(self, window: list, start: int) -> None:
+        if self.validate:
+            for offset, sentence in enumerate(window):
+                _check_sentence(sentence, start + offset, self.allow_empty)
 
     def _place(self, timeline: Timeline, window: list, start: int) -> None:
         """Dedupe a window's tokens against the table, put its sentences into lanes, announce its slots."""

@@ -249,7 +249,7 @@ def initialize_distributed() -> None:
     try:
         jax.distributed.initialize(**settings)
     except ValueError as error:
-        raise TrainError(f"cannot start multi-host training ({error}); outside a managed cluster set "
+        raise TrainError(f"cannot start the multi-process runtime ({error}); outside a managed cluster set "
                          f"JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and "
                          f"JAX_PROCESS_ID in every process") from None
 
