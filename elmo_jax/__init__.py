@@ -6,11 +6,19 @@ from .elmo import Elmo, ElmoConfig, ElmoOutput
 from .embed import Embedder
 from .embed_output import EmbeddingsFileError, open_embeddings
 from .lstm import LSTMState
-from .modules import ElmoModule
 from .options import BiLMOptions, OptionsError
 from .weights import WeightsError, load_hdf5, save_hdf5
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``ElmoModule`` is imported on first use: Flax NNX takes ~0.6 s to import, which the CLI does not need."""
+    if name == "ElmoModule":
+        from .modules import ElmoModule
+
+        return ElmoModule
+    raise AttributeError(f"module 'elmo_jax' has no attribute {name!r}")
 
 __all__ = [
     "BiLM", "BiLMOptions", "BiLMOutput", "Elmo", "ElmoConfig", "ElmoModule", "ElmoOutput", "Embedder",

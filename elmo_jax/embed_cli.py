@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_embed_parser(subparsers) -> None:
@@ -75,6 +76,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def enable_compilation_cache() -> str | None:
+    """Keep compiled programs between runs in ELMO_JAX_COMPILATION_CACHE (default ~/.cache/elmo_jax/xla; empty:
+    off), so that a run after the first one of a model, lane count and device kind does not compile (~1-2 s)."""
+    import jax
+
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "elmo_jax", "xla")
+    directory = os.environ.get("ELMO_JAX_COMPILATION_CACHE", default)
+    if not directory or jax.config.jax_compilation_cache_dir is not None:  # off, or the user set JAX's own
+        return None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return directory
+
+
 def run_embed(args) -> None:
     """``elmo-jax embed``: embed ``args.input`` into the HDF5 file ``args.output`` and print a one-line summary."""
     from .characters import Vocabulary
@@ -86,6 +101,7 @@ def run_embed(args) -> None:
         raise ValueError("--options and --weights go together (leave both out for the built-in English model)")
     check_output_options(args.layout, args.output_dtype)
     get_tokenizer(args.tokenizer)  # an unknown name or a missing sacremoses fails before any work
+    enable_compilation_cache()
     if args.distributed:
         from .embed_distributed import embed_distributed
 
