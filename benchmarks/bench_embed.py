@@ -184,17 +184,33 @@ def whole_process_benchmark(args, files, sentences, sentence_file) -> dict:
 
 
 def host_benchmark(args, files, sentences, sentence_file) -> dict:
-    """The host side alone: embed_file with a stand-in device step (zeros), as a whole pass."""
+    """The host side alone, with a stand-in device step (zeros): embed_file as a whole pass (``--sink file``), or
+    reading, tokenizing and everything up to the arrays the writer would get (``--sink none``: no disk)."""
+    from elmo_jax.embed import _read_lines
+    from elmo_jax.tokenize import get_tokenizer
+
     embedder = Embedder(*files, batch_size=args.lanes, block_steps=args.block_steps, stand_in_device=True)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        stats = embedder.embed_file(sentence_file, os.path.join(tmp, "out.hdf5"), progress=False,
-                                    layout=args.layout, output_dtype=args.output_dtype, mode=args.mode)
+        if args.sink == "file":
+            stats = embedder.embed_file(sentence_file, os.path.join(tmp, "out.hdf5"), progress=False,
+                                        layout=args.layout, output_dtype=args.output_dtype, mode=args.mode)
+        else:
+            split = get_tokenizer("whitespace")
+            stats = {"sentences": 0, "tokens": 0}
+            lines = (split(text) for _, text in _read_lines(sentence_file))
+            for rows, lengths in embedder.embed_rows(lines, args.mode, output_dtype=args.output_dtype,
+                                                     validate=False):
+                stats["sentences"] += len(lengths)
+                stats["tokens"] += len(rows)
         seconds = time.perf_counter() - start
-    return {"what": "host side alone (stand-in device step)", "size": args.size, "layout": args.layout,
-            "mode": args.mode, "output_dtype": args.output_dtype, "lanes": embedder.lanes,
-            "sentences": stats["sentences"], "tokens": stats["tokens"], "seconds": round(seconds, 2),
-            "tokens_per_s": round(stats["tokens"] / seconds, 1),
+    return {"what": "host side alone (stand-in device step)", "size": args.size, "sink": args.sink,
+            "layout": args.layout if args.sink == "file" else None, "mode": args.mode,
+            "output_dtype": args.output_dtype, "lanes": embedder.lanes, "sentences": stats["sentences"],
+            "tokens": stats["tokens"], "seconds": round(seconds, 2), "tokens_per_s": round(stats["tokens"] / seconds, 1),
+            "output_gb_per_s": round(stats["tokens"] * embedder.options.output_dim
+                                     * (embedder.options.n_representation_layers if args.mode == "all" else 1)
+                                     * np.dtype(args.output_dtype).itemsize / seconds / 1e9, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
@@ -212,6 +228,8 @@ def main() -> None:
     parser.add_argument("--layout", choices=["allennlp", "packed"], default="allennlp")
     parser.add_argument("--output-dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--mode", choices=["all", "top", "average", "token"], default="all")
+    parser.add_argument("--sink", choices=["file", "none"], default="file",
+                        help="--host-only: write the HDF5 file (default), or stop at the writer's input (no disk)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peer-batch-size", type=int, default=64)
     parser.add_argument("--weights-dir", default=os.path.join(tempfile.gettempdir(), "elmo-jax-bench-weights"))

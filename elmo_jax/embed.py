@@ -32,7 +32,7 @@ import numpy as np
 from . import char_cnn
 from .bilm import COMPUTE_DTYPES, BiLM, bilstm, initial_state, stacked_lstm_params, token_embedding
 from .characters import TokenError, token_to_char_ids
-from .lanes import GatherPlan, Slots, Timeline, TokenTable, flat_token_ids
+from .lanes import GatherPlan, Slots, Timeline, TokenTable, choose_lanes, flat_token_ids
 from .options import BiLMOptions
 from .sharding import by_batch, data_mesh, replicated, round_up
 
@@ -44,6 +44,7 @@ TABLE_BYTES = 64 << 20  # token table on the device (rows of projection_dim), at
 TABLE_MIN_ROWS = 8192
 INSERT_SIZES = {"short": (64, 256, 1024), "long": (16, 128)}  # new tokens per char-CNN call
 WINDOW_PER_LANE = 2  # sentences read and packed at a time, per lane
+LOOK_AHEAD_PER_LANE = 8  # sentences read first: an input shorter than this gets the lanes it fills (choose_lanes)
 RING_STEPS = 256  # steps of each lane's outputs kept on the device (doubled when a long sentence needs it)
 IN_FLIGHT = 2  # gathers dispatched ahead of the one being copied back
 
@@ -515,23 +516,25 @@ class _Stream:
 
     def _pack(self, stream: Iterator) -> None:
         window_size = WINDOW_PER_LANE * self.lanes
-        window = list(itertools.islice(stream, window_size))
-        self._check(window, 0)
+        ahead = list(itertools.islice(stream, LOOK_AHEAD_PER_LANE * self.lanes))
+        self._check(ahead, 0)
         lanes = self.lanes
-        nonempty = sum(1 for s in window if len(s) > 0)
-        if len(window) < window_size:  # the whole input is this window: fewer lanes will do
-            lanes = min(lanes, round_up(1 << max(0, nonempty - 1).bit_length(), self.embedder.n_devices))
+        if len(ahead) < LOOK_AHEAD_PER_LANE * self.lanes:  # the whole input is known: lanes that it fills
+            steps = np.fromiter((len(s) + 2 for s in ahead if len(s) > 0), np.int64)
+            lanes = choose_lanes(steps, self.lanes, self.embedder.n_devices, self.embedder.block_steps)
         self._put("lanes", lanes)
         timeline = Timeline(lanes, self.embedder.block_steps)
         start = 0
+        window = ahead[:window_size]
         while window:
-            if start:
+            if start >= len(ahead):
                 self._check(window, start)
             self._place(timeline, window, start)
             for block in timeline.pop_blocks():
                 self._put("block", block)
             start += len(window)
-            window = list(itertools.islice(stream, window_size))
+            window = ahead[start : start + window_size] if start < len(ahead) else list(
+                itertools.islice(stream, window_size))
         for block in timeline.pop_blocks(final=True):
             self._put("block", block)
         self._put("end")

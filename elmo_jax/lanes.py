@@ -73,6 +73,32 @@ def assign_lanes(free: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.nd
     return lane, start
 
 
+def choose_lanes(steps: np.ndarray, max_lanes: int, multiple: int, block_steps: int,
+                 utilization: float = 0.9) -> int:
+    """Lanes for a whole input known in advance: the most lanes that the input keeps ``utilization`` busy.
+
+    With many lanes a short input ends when its longest sentence does, and the other lanes idle: 280
+    sentences of ~27 steps and one of 190 keep 128 lanes a third busy, 32 lanes 94%. Fewer lanes would
+    also be busy, but each step is a smaller matmul.
+
+    Args:
+      steps: (sentences,) tokens + 2 of each sentence; max_lanes: the most lanes; multiple: lanes are a multiple
+      of it (the device count); block_steps: the blocks' length (the run is a whole number of blocks).
+    """
+    lanes, best = max_lanes, (0.0, max_lanes)
+    while True:
+        free = np.zeros(lanes, np.int64)
+        assign_lanes(free, steps)
+        run = lanes * max(1, -(-int(free.max()) // block_steps)) * block_steps
+        busy = float(steps.sum()) / run
+        if busy >= utilization:
+            return lanes
+        best = max(best, (busy, lanes))
+        if lanes <= multiple:
+            return best[1]
+        lanes = max(multiple, (lanes // 2) // multiple * multiple)
+
+
 def slot_rows(token_rows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sentences' table rows with <S>/</S> around each, forward and reversed within each slot.
 

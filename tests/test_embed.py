@@ -9,7 +9,7 @@ from elmo_jax.characters import TokenError
 from elmo_jax.cli import main
 from elmo_jax import embed
 from elmo_jax.embed import Embedder
-from elmo_jax.lanes import GatherPlan, Slots, Timeline, assign_lanes, slot_rows
+from elmo_jax.lanes import GatherPlan, Slots, Timeline, assign_lanes, choose_lanes, slot_rows
 from tests import reference
 
 WORDS = "the bank raised its interest rates . I went to river and deposited money in a very long sentence".split()
@@ -198,6 +198,14 @@ def test_lanes_end_together():
         mine = np.argsort(start[lane == r])
         ends = (start[lane == r] + steps[lane == r])[mine]
         assert start[lane == r][mine][0] == 0 and np.array_equal(start[lane == r][mine][1:], ends[:-1])
+
+
+def test_a_short_input_gets_the_lanes_it_keeps_busy():
+    steps = np.array([190] + [27] * 279)  # one long sentence: 128 lanes would idle two thirds of the run
+    assert choose_lanes(steps, 128, 1, 32) == 32
+    assert choose_lanes(np.array([27] * 5000), 128, 1, 32) == 128
+    assert choose_lanes(np.array([9]), 128, 4, 32) == 4  # a multiple of the device count
+    assert choose_lanes(np.array([], np.int64), 128, 1, 32) == 128
 
 
 def test_slots_reset_and_reverse_each_sentence():
