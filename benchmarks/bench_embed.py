@@ -17,8 +17,10 @@ Three measurements (one JSON line each):
 Random weights at the published sizes come from ../shared/bench/make_weights.py (exact original layout);
 ``--size builtin`` is the model shipped in the package. "Peak" is a 2048 x 2048 float32 matmul measured in
 this process. FLOPs count the biLSTM for every token plus <S>/</S> (padding not counted) and, where
-reported, the char CNN + highway once per distinct token. Add ``--dtype bfloat16`` on a GPU; on a GPU the
-peak is measured in the compute dtype.
+reported, the char CNN + highway once per distinct token. On a GPU, ``--dtype both`` measures float32 and
+bfloat16 in one command, each against the matmul peak measured in its own dtype:
+
+    python benchmarks/bench_embed.py --size 2x4096_512_2048cnn_2xhighway --max-sentences 20000 --dtype both
 """
 
 from __future__ import annotations
@@ -207,7 +209,8 @@ def host_benchmark(args, files, sentences, sentence_file) -> dict:
     return {"what": "host side alone (stand-in device step)", "size": args.size, "sink": args.sink,
             "layout": args.layout if args.sink == "file" else None, "mode": args.mode,
             "output_dtype": args.output_dtype, "lanes": embedder.lanes, "sentences": stats["sentences"],
-            "tokens": stats["tokens"], "seconds": round(seconds, 2), "tokens_per_s": round(stats["tokens"] / seconds, 1),
+            "tokens": stats["tokens"], "seconds": round(seconds, 2),
+            "tokens_per_s": round(stats["tokens"] / seconds, 1),
             "output_gb_per_s": round(stats["tokens"] * embedder.options.output_dim
                                      * (embedder.options.n_representation_layers if args.mode == "all" else 1)
                                      * np.dtype(args.output_dtype).itemsize / seconds / 1e9, 2),
@@ -224,7 +227,8 @@ def main() -> None:
     parser.add_argument("--host-only", action="store_true", help="time the host side with a stand-in device step")
     parser.add_argument("--lanes", type=int, default=None, help="Embedder batch_size (lanes); default by device")
     parser.add_argument("--block-steps", type=int, default=None)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="float32",
+                        help="compute dtype; both: float32, then bfloat16 (one JSON line each; for a GPU)")
     parser.add_argument("--layout", choices=["allennlp", "packed"], default="allennlp")
     parser.add_argument("--output-dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--mode", choices=["all", "top", "average", "token"], default="all")
@@ -251,11 +255,12 @@ def main() -> None:
             f.write("\n".join(lines) + "\n")
         sentences = [line.split() for line in lines]
         run = host_benchmark if args.host_only else whole_process_benchmark if args.whole_process else model_benchmark
-        result = run(args, files, sentences, sentence_file)
-    for name in ("allennlp", "tf"):
-        if f"{name}_tokens_per_s" in result:
-            result[f"speedup_vs_{name}"] = round(result["tokens_per_s"] / result[f"{name}_tokens_per_s"], 2)
-    print(json.dumps(result), flush=True)
+        for dtype in ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]:
+            result = run(argparse.Namespace(**{**vars(args), "dtype": dtype}), files, sentences, sentence_file)
+            for name in ("allennlp", "tf"):
+                if f"{name}_tokens_per_s" in result:
+                    result[f"speedup_vs_{name}"] = round(result["tokens_per_s"] / result[f"{name}_tokens_per_s"], 2)
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -381,7 +381,7 @@ class Embedder:
                 rows = item * self.block_steps  # tokens per gather: what a block takes in
                 if not self.stand_in_device:
                     state = jax.device_put(initial_state(self.options, item, self.dtype), by_lane)
-                    ring = jax.device_put(np.zeros((item, plan.steps, *lead, width), dtype), by_lane)
+                    ring = jnp.zeros((item, plan.steps, *lead, width), dtype, device=by_lane)  # made on the device
             elif kind == "end":
                 while gather(float("inf")):
                     pass

@@ -85,7 +85,7 @@ class EmbeddingWriter:
                 raise ValueError(f"sentence {self.n_sentences}: expected an array (layers, n, dim) or (n, dim), "
                                  f"found shape {a.shape}")
             if self.layout == "allennlp":
-                self.f.create_dataset(str(self.n_sentences), data=a.astype(self.dtype, copy=False))
+                _write_dataset(self.f, str(self.n_sentences), a.astype(self.dtype, copy=False))
             else:
                 self._append(np.moveaxis(a, -2, 0))  # (n, layers, dim) or (n, dim): a view
             self.n_sentences += 1
@@ -101,8 +101,7 @@ class EmbeddingWriter:
         if self.layout == "allennlp":
             ends = np.cumsum(lengths).tolist()
             for start, end in zip([0, *ends[:-1]], ends):
-                self.f.create_dataset(str(self.n_sentences), data=np.moveaxis(rows[start:end], 0, -2).astype(
-                    self.dtype))
+                _write_dataset(self.f, str(self.n_sentences), np.moveaxis(rows[start:end], 0, -2).astype(self.dtype))
                 self.n_sentences += 1
             self.n_tokens += len(rows)
             return
@@ -161,6 +160,15 @@ class EmbeddingWriter:
         _write_index(self.f, sentence_to_index)
         self.f.attrs.update(_root_attrs(self.attrs, self.layout, self.dtype, self.n_sentences, self.n_tokens))
         return {"sentences": self.n_sentences, "tokens": self.n_tokens}
+
+
+def _write_dataset(f: h5py.File, name: str, array: np.ndarray) -> None:
+    """``f.create_dataset(name, data=array)`` through h5py's low-level API: the same contiguous dataset, 2x faster
+    (what limits AllenNLP's layout, one dataset per sentence)."""
+    array = np.ascontiguousarray(array)
+    dataset = h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(array.dtype), h5py.h5s.create_simple(array.shape))
+    if array.size:
+        dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, array)
 
 
 def _root_attrs(extra: dict, layout: str, dtype, n_sentences: int, n_tokens: int) -> dict:

@@ -12,8 +12,9 @@ the lanes end together and padding exists only at the very end of the input. A s
 the token table (``TokenTable``: the token vectors that live on the device), so a block is four small
 integer/bool arrays: forward rows, backward rows, reset and mask, each (lanes, block_steps).
 
-``OutputRing`` keeps the last steps of the device's block outputs on the host and gathers each finished
-sentence's vectors: the forward half of token j at its slot's step j + 1, the backward half at step n - j.
+The device keeps the last steps of every lane's outputs in a ring; ``GatherPlan`` says where each finished
+sentence's vectors are, in input order: the forward half of token j at its slot's step j + 1, the backward
+half at step n - j. A short input known in advance gets fewer lanes (``choose_lanes``).
 """
 
 from __future__ import annotations
