@@ -193,7 +193,7 @@ class Embedder:
         self._permute = jax.jit(self._traced_permute)
         self._block = jax.jit(self._traced_block, static_argnames=("mode",), donate_argnums=(2, 3))
         self._gather = jax.jit(self._traced_gather)
-        self._relayout = jax.jit(self._traced_relayout, donate_argnums=(0,))
+        self._relayout = jax.jit(self._traced_relayout)  # a larger ring: nothing to donate into
         pinned = [] if vocab is None else list(vocab)
         projection_dim = self.options.lstm.projection_dim
         capacity = max(TABLE_BYTES // (projection_dim * np.dtype(self.dtype).itemsize), TABLE_MIN_ROWS,
