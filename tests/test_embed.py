@@ -297,3 +297,26 @@ def test_cli_packed_float16_and_moses_read_back_as_the_allennlp_layout(tmp_path,
             assert packed[i].dtype == np.float16
             np.testing.assert_array_equal(packed[i], f[str(i)][...].astype(np.float16))
         assert json.loads(f["sentence_to_index"][0]) == packed.sentence_to_index
+
+
+def test_embed_rows_gives_sentences_back_to_back_in_the_output_dtype(tiny_model, expected):
+    sentences, want = expected
+    embedder = Embedder(model=tiny_model, batch_size=4)
+    got, lengths = [], []
+    for rows, counts in embedder.embed_rows(sentences[:10] + [[]] + sentences[10:], mode="top",
+                                            allow_empty=True, output_dtype="float16"):
+        assert rows.dtype == np.float16 and len(rows) == counts.sum()
+        got.append(rows)
+        lengths += counts.tolist()
+    assert lengths == [len(s) for s in sentences[:10]] + [0] + [len(s) for s in sentences[10:]]
+    rows = np.concatenate(got)
+    top = np.concatenate([w[-1] for w in want])  # (tokens, dim)
+    np.testing.assert_allclose(rows.astype(np.float32), top, atol=2e-3 * np.abs(top).max())
+
+
+def test_stand_in_device_runs_the_host_side_only(tiny_model):
+    embedder = Embedder(model=tiny_model, batch_size=4, stand_in_device=True)
+    sentences = _sentences(50, seed=4)
+    out = list(embedder.embed_sentences(sentences))
+    assert [a.shape for a in out] == [(3, len(s), 32) for s in sentences] and not any(a.any() for a in out)
+    assert embedder.compilations == 0
