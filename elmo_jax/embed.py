@@ -9,8 +9,10 @@ How a stream of sentences is embedded (packed lanes, as continuous batching in L
    mode) whatever the corpus. A reset flag beside the mask zeroes a lane's state where a sentence starts,
    so every sentence is computed exactly as if alone from zero state (stateless). The backward LM reads
    each sentence reversed within its slot. State, gathers and outputs stay inside the jitted block.
-3. Blocks are dispatched asynchronously; while the devices run block k + 1, the host copies block k into a
-   ring of recent steps, gathers the sentences it finishes and hands them out in input order.
+3. Each block writes its outputs into a device ring of recent steps; a gather program reads finished
+   sentences from it, whole and in input order (each token's backward half from its reversed slot), into one
+   (tokens, [layers,] dim) array in the output dtype. Blocks and gathers are dispatched asynchronously; the
+   host copies a gathered array back while the devices run the next blocks.
 4. Lanes are split across the local devices (``jax.sharding`` mesh).
 """
 
@@ -463,8 +465,8 @@ class _Stream:
 
     Iterating gives (kind, item) in order: ("lanes", n) first, then "insert" (first row, new tokens), "permute"
     (new_to_old rows), "grow" (capacity), "slots" (Slots of a window, in input order, empty sentences with length
-    0), "block" (Block), and "end". An
-    error in the thread (bad input, an interrupted read) is raised in the iterating thread.
+    0), "block" (Block), and "end". An error in the thread (bad input, an interrupted read) is raised in the
+    iterating thread.
     """
 
     def __init__(self, embedder: Embedder, sentences: Iterable[Sequence[str]], lanes: int, tokens: TokenTable,
@@ -552,7 +554,7 @@ class _Stream:
                       np.zeros(len(window), np.int64), lengths)
         if real.any():
             window = [s for s, keep in zip(window, real.tolist()) if keep] if not real.all() else window
-            distinct, ids, _ = flat_token_ids(window)
+            distinct, ids = flat_token_ids(window)
             tokens = self.tokens
             if tokens.free() < len(distinct):
                 old_to_new, new_to_old = tokens.compact(timeline.live_rows())

@@ -84,12 +84,7 @@ class EmbeddingWriter:
             if a.ndim not in (2, 3):
                 raise ValueError(f"sentence {self.n_sentences}: expected an array (layers, n, dim) or (n, dim), "
                                  f"found shape {a.shape}")
-            if self.layout == "allennlp":
-                _write_dataset(self.f, str(self.n_sentences), a.astype(self.dtype, copy=False))
-            else:
-                self._append(np.moveaxis(a, -2, 0))  # (n, layers, dim) or (n, dim): a view
-            self.n_sentences += 1
-            self.n_tokens += a.shape[-2]
+            self.write_rows(np.moveaxis(a, -2, 0), [a.shape[-2]])  # (n, [layers,] dim): a view
 
     def write_rows(self, rows: np.ndarray, lengths: Sequence[int]) -> None:
         """Append the next sentences in input order as one array: rows (tokens, [layers,] dim), the tokens of
@@ -101,26 +96,23 @@ class EmbeddingWriter:
         if self.layout == "allennlp":
             ends = np.cumsum(lengths).tolist()
             for start, end in zip([0, *ends[:-1]], ends):
-                _write_dataset(self.f, str(self.n_sentences), np.moveaxis(rows[start:end], 0, -2).astype(self.dtype))
+                _write_dataset(self.f, str(self.n_sentences),
+                               np.moveaxis(rows[start:end], 0, -2).astype(self.dtype, copy=False))
                 self.n_sentences += 1
-            self.n_tokens += len(rows)
-            return
-        self._append(rows, lengths)
-        self.n_sentences += len(lengths)
+        else:
+            self._append(rows, lengths)
+            self.n_sentences += len(lengths)
         self.n_tokens += len(rows)
 
-    def _append(self, rows: np.ndarray, lengths: np.ndarray | None = None) -> None:
-        """Copy one sentence's rows (n, ...), or several sentences' (``lengths``), into the buffer, writing it out
+    def _append(self, rows: np.ndarray, lengths: np.ndarray) -> None:
+        """Copy consecutive sentences' rows (tokens, ...), ``lengths`` tokens each, into the buffer, writing it out
         whenever it is full."""
         if self._buffer is None:
             self._create(rows.shape[1:])
         if rows.shape[1:] != self._buffer.shape[1:]:
             raise ValueError(f"sentence {self.n_sentences}: packed layout needs the (layers, dim) of sentence 0, "
                              f"{self._buffer.shape[1:]}, found {rows.shape[1:]}")
-        if lengths is None:
-            self._offsets.append(self._offsets[-1] + len(rows))
-        else:
-            self._offsets.extend((self._offsets[-1] + np.cumsum(lengths)).tolist())
+        self._offsets.extend((self._offsets[-1] + np.cumsum(lengths)).tolist())
         while len(rows):
             take = min(len(rows), len(self._buffer) - self._filled)
             self._buffer[self._filled : self._filled + take] = rows[:take]  # casts to output_dtype

@@ -236,16 +236,14 @@ class TokenTable:
         return old_to_new, new_to_old
 
 
-def flat_token_ids(sentences: Sequence[Sequence[str]]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Dedupe a window's tokens: (distinct tokens in first-seen order, (tokens,) int32 index into them,
-    (sentences,) int64 lengths)."""
-    lengths = np.fromiter(map(len, sentences), np.int64, len(sentences))
+def flat_token_ids(sentences: Sequence[Sequence[str]]) -> tuple[list[str], np.ndarray]:
+    """Dedupe a window's tokens: (distinct tokens in first-seen order, (tokens,) int32 index into them)."""
     flat = list(itertools.chain.from_iterable(sentences))
     distinct = dict.fromkeys(flat)
     for i, token in enumerate(distinct):
         distinct[token] = i
     ids = np.fromiter(map(distinct.__getitem__, flat), np.int32, len(flat))
-    return list(distinct), ids, lengths
+    return list(distinct), ids
 
 
 class GatherPlan:
