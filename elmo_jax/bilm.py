@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .char_cnn import char_cnn
-from .characters import boundary_char_ids
+from .characters import ByteCharacters, boundary_char_ids
 from .highway import highway
 from .lstm import bidirectional_layer, stack_directions, zero_state
 from .options import BiLMOptions
@@ -41,19 +41,22 @@ def init_params(options: BiLMOptions, key: jax.Array) -> dict:
     Args:
       options: the model's sizes; key: PRNG key.
     Returns:
-      {"char_embed": (n_characters, char_dim) with row 0 zero, "convolutions": [{"kernel": (width, char_dim,
-      n), "bias": (n,)}], "highway": [{"carry"|"transform": {"kernel": (F, F), "bias": (F,)}}], "projection":
-      {"kernel": (F, P), "bias": (P,)}, "lstm": {"forward"|"backward": [{"kernel": (2P, 4D), "bias": (4D,),
-      "projection": (D, P)}] per layer}} with F = total filters, P = projection_dim, D = lstm dim.
+      {"char_embed": (C, char_dim) with row 0 zero, "convolutions": [{"kernel": (width, char_dim, n), "bias":
+      (n,)}], "highway": [{"carry"|"transform": {"kernel": (F, F), "bias": (F,)}}], "projection": {"kernel":
+      (W + F, P), "bias": (P,)}, "lstm": {"forward"|"backward": [{"kernel": (2P, 4D), "bias": (4D,),
+      "projection": (D, P)}] per layer}} with F = total filters, P = projection_dim, D = lstm dim, C = 262 for
+      bilm-tf's byte ids (else n_characters); and with a word embedding (W = word_dim > 0, else 0) also
+      "word_embed": (n_words, W) with row 0 zero.
     """
-    cnn, lstm = options.char_cnn, options.lstm
+    cnn, lstm, tokens = options.char_cnn, options.lstm, options.tokens
     n_filters, proj, dim = cnn.n_filters, lstm.projection_dim, lstm.dim
-    keys = iter(jax.random.split(key, 4 + len(cnn.filters) + 2 * cnn.n_highway + 4 * lstm.n_layers))
+    keys = iter(jax.random.split(key, 5 + len(cnn.filters) + 2 * cnn.n_highway + 4 * lstm.n_layers))
 
     def normal(shape, fan_in):
         return jax.random.normal(next(keys), shape, jnp.float32) / np.sqrt(fan_in)
 
-    char_embed = jax.random.uniform(next(keys), (262, cnn.char_embedding_dim), jnp.float32, -1.0, 1.0)
+    n_characters = cnn.n_characters if tokens.bos_ids else 262
+    char_embed = jax.random.uniform(next(keys), (n_characters, cnn.char_embedding_dim), jnp.float32, -1.0, 1.0)
     params = {
         "char_embed": char_embed.at[0].set(0.0),
         "convolutions": [
@@ -68,7 +71,8 @@ def init_params(options: BiLMOptions, key: jax.Array) -> dict:
                            "bias": jnp.zeros((n_filters,), jnp.float32)}}
             for _ in range(cnn.n_highway)
         ],
-        "projection": {"kernel": normal((n_filters, proj), n_filters), "bias": jnp.zeros((proj,), jnp.float32)},
+        "projection": {"kernel": normal((tokens.word_dim + n_filters, proj), tokens.word_dim + n_filters),
+                       "bias": jnp.zeros((proj,), jnp.float32)},
         "lstm": {
             direction: [
                 {"kernel": normal((proj + proj, 4 * dim), proj + proj), "bias": jnp.zeros((4 * dim,), jnp.float32),
@@ -78,23 +82,41 @@ def init_params(options: BiLMOptions, key: jax.Array) -> dict:
             for direction in ("forward", "backward")
         },
     }
+    if tokens.has_words:
+        word_embed = jax.random.normal(next(keys), (tokens.n_words, tokens.word_dim), jnp.float32)
+        params["word_embed"] = word_embed.at[0].set(0.0)
     return params
+
+
+def split_token_ids(options: BiLMOptions, token_ids):
+    """Token ids (..., width) -> (char ids (..., width - 1 or width), word ids (...,) or None).
+
+    A model with a word embedding (``options.tokens.has_words``) has its word id in the last column; the
+    char ids before it may be all ``max_characters_per_token`` or a short token's prefix (``char_cnn``).
+    """
+    if options.tokens.has_words:
+        return token_ids[..., :-1], token_ids[..., -1]
+    return token_ids, None
 
 
 def token_embedding(params: dict, options: BiLMOptions, char_ids: jax.Array,
                     long_token_rows: int | None = None) -> jax.Array:
-    """Context-free token vectors: char CNN -> highway -> projection.
+    """Context-free token vectors: char CNN -> highway -> [word vector, that] -> projection.
 
     Args:
-      char_ids: (..., max_chars) int32.
+      char_ids: (..., width) int32 token ids: char ids, then the word id if the model has words
+        (``options.token_id_width``; see ``split_token_ids``).
       long_token_rows: see ``char_cnn.char_cnn`` (None: convolve every position of every token).
     Returns:
       (..., projection_dim); masked tokens are not zeroed here (``bilm`` masks its outputs).
     """
-    *lead, max_chars = char_ids.shape
-    x = char_cnn(params, char_ids.reshape(-1, max_chars), options.char_cnn.activation,
+    chars, words = split_token_ids(options, char_ids)
+    *lead, n_chars = chars.shape
+    x = char_cnn(params, chars.reshape(-1, n_chars), options.char_cnn.activation,
                  long_token_rows)  # (tokens, n_filters)
     x = highway(params["highway"], x)
+    if words is not None:  # ELMoForManyLangs: the word vector comes first
+        x = jnp.concatenate([jnp.take(params["word_embed"], words.reshape(-1), axis=0).astype(x.dtype), x], axis=-1)
     x = x @ params["projection"]["kernel"] + params["projection"]["bias"][None, :]  # (tokens, projection_dim)
     return x.reshape(*lead, x.shape[-1])
 
@@ -119,15 +141,22 @@ def add_sentence_boundaries(x: jax.Array, mask: jax.Array, bos: jax.Array, eos: 
     return with_boundaries, positions <= (lengths + 1)[:, None]
 
 
-def char_ids_with_boundaries(char_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """char ids (batch, time, max_chars) from batch_to_ids -> (batch, time + 2, max_chars) with <S>/</S>, mask."""
-    bos, eos = (jnp.asarray(ids) for ids in boundary_char_ids(char_ids.shape[-1]))
+def boundary_token_ids(options: BiLMOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of the sentence-begin and sentence-end tokens: two (token_id_width,) int32 arrays."""
+    if options.tokens.bos_ids:
+        return np.asarray(options.tokens.bos_ids, np.int32), np.asarray(options.tokens.eos_ids, np.int32)
+    return boundary_char_ids(options.char_cnn.max_characters_per_token)
+
+
+def char_ids_with_boundaries(char_ids: jax.Array, options: BiLMOptions) -> tuple[jax.Array, jax.Array]:
+    """token ids (batch, time, width) from batch_to_ids -> (batch, time + 2, width) with <S>/</S>, mask."""
+    bos, eos = (jnp.asarray(ids) for ids in boundary_token_ids(options))
     return add_sentence_boundaries(char_ids, jnp.any(char_ids > 0, axis=-1), bos, eos)
 
 
 def boundary_embeddings(params: dict, options: BiLMOptions) -> tuple[jax.Array, jax.Array]:
     """Token vectors of <S> and </S>: two (projection_dim,) arrays."""
-    ids = jnp.stack([jnp.asarray(i) for i in boundary_char_ids(options.char_cnn.max_characters_per_token)])
+    ids = jnp.stack([jnp.asarray(i) for i in boundary_token_ids(options)])
     vectors = token_embedding(params, options, ids)
     return vectors[0], vectors[1]
 
@@ -213,7 +242,7 @@ def bilm(params: dict, options: BiLMOptions, char_ids: jax.Array, state: BiLMSta
       BiLMOutput (activations (n_layers + 1, batch, time + 2, 2 * projection_dim), mask (batch, time + 2)),
       and the final BiLMState.
     """
-    char_ids, mask = char_ids_with_boundaries(char_ids)
+    char_ids, mask = char_ids_with_boundaries(char_ids, options)
     return bilm_from_token_embeddings(params, options, token_embedding(params, options, char_ids), mask, state)
 
 
@@ -249,10 +278,15 @@ class BiLM:
     Stateless by default: every call starts from zero state unless a state is passed.
     """
 
-    def __init__(self, params: dict, options: BiLMOptions):
-        """params: the nested dict of ``init_params`` / ``weights.load_hdf5``; options: the matching BiLMOptions."""
+    def __init__(self, params: dict, options: BiLMOptions, characters=None, family: str = "bilm-tf"):
+        """params: the nested dict of ``init_params`` / ``weights.load_hdf5``; options: the matching BiLMOptions;
+        characters: how tokens become ids (default bilm-tf's UTF-8 bytes, ``characters.ByteCharacters``; an
+        ELMoForManyLangs model has ``efml.DictionaryCharacters``); family: where the model comes from, one of
+        ``families.FAMILIES``."""
         self.params = params
         self.options = options
+        self.characters = model_characters(options, characters)
+        self.family = family
         self._compute_params = None
 
     @property
@@ -265,6 +299,18 @@ class BiLM:
         if self._compute_params is None:
             self._compute_params = {**self.params, "lstm": stacked_lstm_params(self.params["lstm"])}
         return self._compute_params
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> BiLM:
+        """Load any published ELMo: the family is detected from what ``path`` holds (``families.detect_family``).
+
+        ``path``: a directory with options.json and one .hdf5 weight file (bilm-tf / AllenNLP), an NLPL
+        archive (.zip, or the directory it unpacks to), an ELMoForManyLangs model directory, or a checkpoint
+        directory of ``elmo-jax convert``. ``bilm.family`` says which family it was.
+        """
+        from .families import load_pretrained
+
+        return load_pretrained(path)
 
     @classmethod
     def from_hdf5(cls, options_file: str | os.PathLike, weight_file: str | os.PathLike) -> BiLM:
@@ -284,30 +330,34 @@ class BiLM:
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike) -> BiLM:
         """Load params saved by ``weights.save_checkpoint`` / ``elmo-jax convert``."""
-        from .weights import load_checkpoint
+        from .weights import checkpoint_characters, load_checkpoint
 
         params, options = load_checkpoint(directory)
-        return cls(params, options)
+        return cls(params, options, *checkpoint_characters(directory, options))
 
     def __call__(self, char_ids, state: BiLMState | None = None) -> tuple[BiLMOutput, BiLMState]:
         """char_ids (batch, time, max_chars) -> (BiLMOutput, final state); see ``bilm``."""
         char_ids = _check_char_ids(char_ids, self.options)
         return _bilm_jit(self.compute_params, self.options, char_ids, state)
 
+    def batch_to_ids(self, sentences) -> np.ndarray:
+        """Tokenized sentences -> this model's token ids (batch, time, token_id_width) int32, 0 at padding.
+
+        bilm-tf's ``batch_to_ids`` for the bilm-tf family; the model's own dictionaries for ELMoForManyLangs."""
+        return self.characters.batch_to_ids(sentences)
+
     def token_embedding(self, char_ids) -> jax.Array:
-        """char ids (..., max_chars) -> context-free token vectors (..., projection_dim)."""
+        """token ids (..., token_id_width) -> context-free token vectors (..., projection_dim)."""
         return _token_embedding_jit(self.params, self.options, jnp.asarray(char_ids, jnp.int32))
 
     def embed_vocabulary(self, words: list[str], batch_size: int = 1024) -> np.ndarray:
         """Token vectors of each word (AllenNLP's ``vocab_to_cache``): (len(words), projection_dim) float32."""
-        from .characters import token_to_char_ids
-
-        max_chars = self.options.char_cnn.max_characters_per_token
-        ids = np.stack([token_to_char_ids(w, max_chars) for w in words])
+        width = self.options.token_id_width
+        ids = np.stack([self.characters.token_ids(w) for w in words])
         chunks = []
         for start in range(0, len(ids), batch_size):
             chunk = ids[start : start + batch_size]
-            padded = np.zeros((batch_size, max_chars), np.int32)  # one compiled shape for every chunk
+            padded = np.zeros((batch_size, width), np.int32)  # one compiled shape for every chunk
             padded[: len(chunk)] = chunk
             chunks.append(np.asarray(self.token_embedding(padded))[: len(chunk)])
         return np.concatenate(chunks)
@@ -317,11 +367,25 @@ class BiLM:
         return initial_state(self.options, batch)
 
 
+def model_characters(options: BiLMOptions, characters=None):
+    """A model's token-to-id mapping: ``characters``, or bilm-tf's UTF-8 bytes (``ByteCharacters``) when none
+    is given. ValueError for a model with its own dictionaries and none given, or ids of the wrong width."""
+    if characters is None:
+        if options.tokens.bos_ids:
+            raise ValueError("this model's tokens are ids in its own dictionaries: pass characters=")
+        characters = ByteCharacters(options.char_cnn.max_characters_per_token)
+    if characters.width != options.token_id_width:
+        raise ValueError(f"characters give {characters.width} ids per token, the options expect "
+                         f"{options.token_id_width}")
+    return characters
+
+
 def _check_char_ids(char_ids, options: BiLMOptions) -> jax.Array:
     shape = np.shape(char_ids)
-    max_chars = options.char_cnn.max_characters_per_token
-    if len(shape) != 3 or shape[-1] != max_chars:
-        raise ValueError(f"char_ids must have shape (batch, time, {max_chars}), found {shape}")
+    width = options.token_id_width
+    if len(shape) != 3 or shape[-1] != width:
+        raise ValueError(f"char_ids must have shape (batch, time, {width}), found {shape}"
+                         + ("; this model's ids come from BiLM.batch_to_ids" if options.tokens.bos_ids else ""))
     if shape[0] == 0 or shape[1] == 0:
         raise ValueError(f"char_ids is empty: shape {shape}; pass at least one sentence with one token")
     return jnp.asarray(char_ids, jnp.int32)

@@ -8,7 +8,7 @@ Each token becomes ``max_characters_per_token`` (50) ids: begin-of-word, the tok
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -60,13 +60,22 @@ def token_to_char_ids(token: str, max_chars: int = MAX_CHARACTERS_PER_TOKEN) -> 
 
 
 def batch_to_ids(sentences: Sequence[Sequence[str]], max_chars: int = MAX_CHARACTERS_PER_TOKEN) -> np.ndarray:
-    """Tokenized sentences -> char ids, padded with 0 (masked) tokens.
+    """Tokenized sentences -> bilm-tf char ids, padded with 0 (masked) tokens.
+
+    The ids of bilm-tf / AllenNLP / NLPL models; ``BiLM.batch_to_ids`` gives any loaded model's own.
 
     Args:
       sentences: batch of sentences, each a non-empty list of str tokens.
     Returns:
       (batch, max_sentence_length, max_chars) int32.
     """
+    return sentences_to_ids(sentences, lambda token: token_to_char_ids(token, max_chars), max_chars)
+
+
+def sentences_to_ids(sentences: Sequence[Sequence[str]], token_ids: Callable[[str], np.ndarray],
+                     width: int) -> np.ndarray:
+    """Tokenized sentences -> (batch, max_sentence_length, width) int32 ids, ``token_ids(token)`` per token
+    (each distinct token once), 0 at padding. TokenError names the first sentence or token that is not valid."""
     if isinstance(sentences, str) or not isinstance(sentences, Sequence):
         raise TokenError(f"sentences must be a list of lists of str tokens, found {type(sentences).__name__}")
     if len(sentences) == 0:
@@ -77,7 +86,7 @@ def batch_to_ids(sentences: Sequence[Sequence[str]], max_chars: int = MAX_CHARAC
         if len(sentence) == 0:
             raise TokenError(f"sentence {index} is empty: every sentence needs at least one token")
     length = max(len(sentence) for sentence in sentences)
-    ids = np.zeros((len(sentences), length, max_chars), dtype=np.int32)
+    ids = np.zeros((len(sentences), length, width), dtype=np.int32)
     cache: dict[str, np.ndarray] = {}
     for i, sentence in enumerate(sentences):
         for j, token in enumerate(sentence):
@@ -85,9 +94,34 @@ def batch_to_ids(sentences: Sequence[Sequence[str]], max_chars: int = MAX_CHARAC
                 raise TokenError(f"sentence {i}, token {j}: tokens must be str, found {type(token).__name__} {token!r}")
             row = cache.get(token)
             if row is None:
-                row = cache[token] = token_to_char_ids(token, max_chars)
+                row = cache[token] = token_ids(token)
             ids[i, j] = row
     return ids
+
+
+class ByteCharacters:
+    """How the bilm-tf family (bilm-tf, AllenNLP, NLPL, the built-in model) turns tokens into ids: UTF-8 bytes.
+
+    Every loaded model has such an object as ``BiLM.characters``; ELMoForManyLangs models have
+    ``efml.DictionaryCharacters`` instead, with the same methods.
+    """
+
+    boundary_tokens = (BOS_TOKEN, EOS_TOKEN)  # input tokens that are the sentence boundaries themselves
+
+    def __init__(self, max_chars: int = MAX_CHARACTERS_PER_TOKEN):
+        self.max_chars = max_chars
+        self.width = max_chars
+
+    def token_ids(self, token: str) -> np.ndarray:
+        """One token -> (width,) int32 ids (``token_to_char_ids``)."""
+        return token_to_char_ids(token, self.max_chars)
+
+    def batch_to_ids(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
+        """Sentences -> (batch, time, width) int32, 0 at padding (``batch_to_ids``)."""
+        return batch_to_ids(sentences, self.max_chars)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Nothing to write: the mapping is fixed."""
 
 
 class Vocabulary:

@@ -16,37 +16,47 @@ def add_convert_parser(subparsers) -> None:
     """Add the ``convert`` subcommand to an argparse subparsers object."""
     parser = subparsers.add_parser(
         "convert",
-        help="convert weights: published HDF5 -> orbax checkpoint, or back (--to hdf5)",
-        description="Convert between the published bilm-tf/AllenNLP HDF5 layout and an orbax checkpoint "
-        "directory (params + options.json). The round trip is exact. --to checkpoint (default) reads --options "
-        "and --weights and writes --checkpoint; --to hdf5 reads --checkpoint and writes --weights and --options "
-        "(without the training fields). `python convert_weights.py` takes the same arguments.",
+        help="convert weights: any published model -> orbax checkpoint, or to the bilm-tf HDF5 layout (--to hdf5)",
+        description="Store a model in elmo_jax's own format (an orbax checkpoint directory: params, options.json "
+        "and, for ELMoForManyLangs, its dictionaries), or write the bilm-tf/AllenNLP HDF5 layout. The source is "
+        "--model PATH (any family: an options.json + .hdf5 directory, an NLPL .zip or its directory, an "
+        "ELMoForManyLangs model directory), or --options with --weights, or --checkpoint for --to hdf5. The "
+        "round trip is exact. --to hdf5 fits the bilm-tf family only (ELMoForManyLangs models have their own "
+        "char dictionary and a word embedding). `python convert_weights.py` takes the same arguments.",
     )
-    parser.add_argument("--options", required=True,
-                        help="options.json (read for --to checkpoint, written for --to hdf5)")
-    parser.add_argument("--weights", required=True,
-                        help="HDF5 weights (read for --to checkpoint, written for --to hdf5)")
-    parser.add_argument("--checkpoint", required=True,
-                        help="orbax checkpoint directory (written for --to checkpoint, read for --to hdf5)")
+    parser.add_argument("--model", help="any published model to read (BiLM.from_pretrained)")
+    parser.add_argument("--options", help="options.json (read for --to checkpoint, written for --to hdf5)")
+    parser.add_argument("--weights", help="HDF5 weights (read for --to checkpoint, written for --to hdf5)")
+    parser.add_argument("--checkpoint", help="orbax checkpoint directory (written for --to checkpoint, read for "
+                                             "--to hdf5 without --model)")
     parser.add_argument("--to", choices=("checkpoint", "hdf5"), default="checkpoint",
-                        help="direction: checkpoint (default) or hdf5")
+                        help="what to write: checkpoint (default) or hdf5")
     parser.set_defaults(func=run_convert)
 
 
 def run_convert(args) -> None:
-    """``elmo-jax convert``: HDF5 + options.json -> orbax checkpoint, or back with ``--to hdf5``."""
+    """``elmo-jax convert``: any model -> orbax checkpoint, or -> HDF5 + options.json with ``--to hdf5``."""
     from .bilm import BiLM
     from .weights import save_checkpoint, save_hdf5, save_options
 
+    pair = (args.options is not None, args.weights is not None)
     if args.to == "checkpoint":
-        model = BiLM.from_hdf5(args.options, args.weights)
-        save_checkpoint(args.checkpoint, model.params, model.options)
-        print(f"wrote orbax checkpoint {args.checkpoint} from {args.weights}")
+        if args.checkpoint is None:
+            raise ValueError("--to checkpoint needs --checkpoint DIR to write")
+        if pair != ((False, False) if args.model else (True, True)):
+            raise ValueError("give the model to read as --model PATH, or as --options and --weights")
+        model = BiLM.from_pretrained(args.model) if args.model else BiLM.from_hdf5(args.options, args.weights)
+        save_checkpoint(args.checkpoint, model.params, model.options, model.characters, model.family)
+        print(f"wrote orbax checkpoint {args.checkpoint} from {args.model or args.weights} ({model.family})")
     else:
-        model = BiLM.from_checkpoint(args.checkpoint)
+        if pair != (True, True):
+            raise ValueError("--to hdf5 needs --options and --weights to write")
+        if (args.model is None) == (args.checkpoint is None):
+            raise ValueError("--to hdf5 reads --model PATH or --checkpoint DIR (one of them)")
+        model = BiLM.from_pretrained(args.model) if args.model else BiLM.from_checkpoint(args.checkpoint)
         save_hdf5(model.params, model.options, args.weights)
         save_options(model.options, args.options)
-        print(f"wrote {args.weights} and {args.options} from {args.checkpoint}")
+        print(f"wrote {args.weights} and {args.options} from {args.model or args.checkpoint}")
 
 
 def build_parser() -> argparse.ArgumentParser:

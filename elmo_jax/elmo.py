@@ -135,12 +135,24 @@ class Elmo:
                   num_output_representations: int, dropout: float = 0.5, do_layer_norm: bool = False,
                   keep_sentence_boundaries: bool = False, scalar_mix_parameters=None, vocab_to_cache=None) -> Elmo:
         """Load published weights; arguments as AllenNLP's ``Elmo``."""
+        return cls._build(BiLM.from_hdf5(options_file, weight_file), num_output_representations, dropout,
+                          do_layer_norm, keep_sentence_boundaries, scalar_mix_parameters, vocab_to_cache)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, num_output_representations: int = 1, **kwargs) -> Elmo:
+        """Any published model (``BiLM.from_pretrained``: bilm-tf, NLPL, ELMoForManyLangs); kwargs as
+        ``from_hdf5``. Build the inputs with ``elmo.batch_to_ids``: the model's own token ids."""
+        return cls._build(BiLM.from_pretrained(path), num_output_representations, **kwargs)
+
+    @classmethod
+    def _build(cls, model: BiLM, num_output_representations: int, dropout: float = 0.5, do_layer_norm: bool = False,
+               keep_sentence_boundaries: bool = False, scalar_mix_parameters=None, vocab_to_cache=None) -> Elmo:
         if num_output_representations < 1:
             raise ValueError(f"num_output_representations must be >= 1, found {num_output_representations}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), found {dropout}")
         config = ElmoConfig(num_output_representations, dropout, do_layer_norm, keep_sentence_boundaries)
-        return cls(BiLM.from_hdf5(options_file, weight_file), config, scalar_mix_parameters, vocab_to_cache)
+        return cls(model, config, scalar_mix_parameters, vocab_to_cache)
 
     @classmethod
     def pretrained(cls, num_output_representations: int = 1, **kwargs) -> Elmo:
@@ -169,6 +181,10 @@ class Elmo:
         char_ids = _check_char_ids(char_ids, self.options)
         out, _ = _elmo_jit(self._compute_params(), self.options, self.config, char_ids, key, None)
         return out
+
+    def batch_to_ids(self, sentences) -> np.ndarray:
+        """Tokenized sentences -> the model's token ids (``BiLM.batch_to_ids``), the input of ``__call__``."""
+        return self.bilm.batch_to_ids(sentences)
 
     def _compute_params(self) -> dict:
         """``params`` with the biLM in its jit-friendly layout (``BiLM.compute_params``), unless the user has

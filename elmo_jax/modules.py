@@ -11,7 +11,7 @@ import os
 import jax
 from flax import nnx
 
-from .bilm import BiLM, bilm
+from .bilm import BiLM, bilm, model_characters
 from .elmo import ElmoConfig, ElmoOutput, mix_representations
 from .options import BiLMOptions
 from .scalar_mix import init_scalar_mix
@@ -34,10 +34,12 @@ class ElmoModule(nnx.Module):
     """
 
     def __init__(self, bilm_params: dict, options: BiLMOptions, config: ElmoConfig = ElmoConfig(),
-                 trainable_bilm: bool = False, scalar_mix_parameters=None):
+                 trainable_bilm: bool = False, scalar_mix_parameters=None, characters=None):
         """bilm_params: the loader's params dict; options: BiLMOptions; config: ElmoConfig (number of mixes,
         dropout, layer norm, boundaries); trainable_bilm: fine-tune the biLM too; scalar_mix_parameters:
-        initial mix weights, one per layer."""
+        initial mix weights, one per layer; characters: the model's token-to-id mapping (``BiLM.characters``;
+        default bilm-tf's bytes), which ``module.batch_to_ids`` uses."""
+        self.characters = model_characters(options, characters)
         self.options = options
         self.config = config
         kind = nnx.Param if trainable_bilm else FrozenParam
@@ -54,6 +56,17 @@ class ElmoModule(nnx.Module):
         kwargs: config, trainable_bilm, scalar_mix_parameters (as ``__init__``)."""
         loaded = BiLM.from_hdf5(options_file, weight_file)
         return cls(loaded.params, loaded.options, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> ElmoModule:
+        """Any published model (``BiLM.from_pretrained``: bilm-tf, NLPL, ELMoForManyLangs) with fresh scalar
+        mixes; kwargs as ``__init__``. ``module.batch_to_ids(sentences)`` gives that model's token ids."""
+        loaded = BiLM.from_pretrained(path)
+        return cls(loaded.params, loaded.options, characters=loaded.characters, **kwargs)
+
+    def batch_to_ids(self, sentences):
+        """Tokenized sentences -> this model's token ids (batch, time, width), the input of ``__call__``."""
+        return self.characters.batch_to_ids(sentences)
 
     @classmethod
     def pretrained(cls, **kwargs) -> ElmoModule:

@@ -48,6 +48,27 @@ class LSTMOptions:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TokenOptions:
+    """How a token is represented besides its characters: what differs between the model families.
+
+    bilm-tf / AllenNLP / NLPL models use the defaults: no word embedding, and the char ids of ``<S>``/``</S>``
+    that ``characters.boundary_char_ids`` makes. ELMoForManyLangs models concatenate a word vector (the
+    token's id in ``word.dic``) before the projection, and their boundary tokens' ids come from their
+    dictionaries; a token's ids then end with one more column, its word id (+1 shifted, 0 = masked).
+    """
+
+    word_dim: int = 0  # 0: no word embedding
+    n_words: int = 0  # rows of the word embedding, the padding row 0 included
+    bos_ids: tuple[int, ...] = ()  # all ids of the sentence-begin token (chars, then the word id); () = bilm-tf's
+    eos_ids: tuple[int, ...] = ()
+
+    @property
+    def has_words(self) -> bool:
+        """Whether token ids carry a word id column after the char ids."""
+        return self.word_dim > 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TrainingOptions:
     """The training fields of bilm-tf's options (absent from inference-only options files)."""
 
@@ -70,6 +91,12 @@ class BiLMOptions:
     char_cnn: CharCNNOptions
     lstm: LSTMOptions
     training: TrainingOptions = TrainingOptions()
+    tokens: TokenOptions = TokenOptions()
+
+    @property
+    def token_id_width(self) -> int:
+        """Ids per token: max_characters_per_token char ids, plus the word id where the model has words."""
+        return self.char_cnn.max_characters_per_token + int(self.tokens.has_words)
 
     @property
     def output_dim(self) -> int:
@@ -112,10 +139,20 @@ class BiLMOptions:
         if activation not in ACTIVATIONS:
             raise OptionsError(
                 f"{source}: field 'char_cnn.activation' must be one of {ACTIVATIONS}, found {activation!r}")
+        tokens = _token_options(reader, max_chars)
         n_characters = reader.get("char_cnn.n_characters", int, default=262)
-        if n_characters not in (261, 262):
+        if not tokens.bos_ids and n_characters not in (261, 262):
             raise OptionsError(f"{source}: field 'char_cnn.n_characters' must be 261 (training) or 262 (inference), "
                                f"found {n_characters}")
+        if tokens.bos_ids and n_characters < 2:
+            raise OptionsError(f"{source}: field 'char_cnn.n_characters' must be >= 2, found {n_characters}")
+        for name, ids in (("bos", tokens.bos_ids), ("eos", tokens.eos_ids)):
+            chars = ids[:max_chars]
+            if chars and not all(0 < i < n_characters for i in chars):
+                raise OptionsError(f"{source}: field 'tokens.{name}_ids' must hold char ids in 1..{n_characters - 1}")
+            if tokens.has_words and not 0 < ids[-1] < tokens.n_words:
+                raise OptionsError(f"{source}: field 'tokens.{name}_ids' must end with a word id in "
+                                   f"1..{tokens.n_words - 1}, found {ids[-1]}")
         char_cnn = CharCNNOptions(
             char_embedding_dim=reader.get("char_cnn.embedding.dim", int, minimum=1),
             filters=tuple((int(w), int(n)) for w, n in filters),
@@ -149,7 +186,7 @@ class BiLMOptions:
         )
         if training.dropout >= 1.0:
             raise OptionsError(f"{source}: field 'dropout' must be in [0, 1), found {training.dropout}")
-        return cls(char_cnn=char_cnn, lstm=lstm, training=training)
+        return cls(char_cnn=char_cnn, lstm=lstm, training=training, tokens=tokens)
 
     def to_dict(self, include_training: bool = True) -> dict[str, Any]:
         """The options.json dict (bilm-tf layout); inverse of from_dict."""
@@ -173,6 +210,9 @@ class BiLMOptions:
         for name in ("cell_clip", "proj_clip"):
             if getattr(lstm, name) is not None:
                 out["lstm"][name] = getattr(lstm, name)
+        if self.tokens != TokenOptions():
+            out["tokens"] = {"word_dim": self.tokens.word_dim, "n_words": self.tokens.n_words,
+                             "bos_ids": list(self.tokens.bos_ids), "eos_ids": list(self.tokens.eos_ids)}
         if include_training:
             for field in dataclasses.fields(training):
                 value = getattr(training, field.name)
@@ -183,6 +223,28 @@ class BiLMOptions:
     def replace(self, **sections: Any) -> BiLMOptions:
         """A copy with whole sections replaced, e.g. ``options.replace(char_cnn=...)``."""
         return dataclasses.replace(self, **sections)
+
+
+def _token_options(reader: _FieldReader, max_chars: int) -> TokenOptions:
+    """The optional "tokens" section (see TokenOptions), validated."""
+    source = reader.source
+    word_dim = reader.get("tokens.word_dim", int, default=0, minimum=0)
+    n_words = reader.get("tokens.n_words", int, default=0, minimum=0)
+    if word_dim and n_words < 2:
+        raise OptionsError(f"{source}: field 'tokens.n_words' must be >= 2 with a word embedding, found {n_words}")
+    width = max_chars + int(word_dim > 0)
+    ids = {}
+    for name in ("bos_ids", "eos_ids"):
+        value = reader.get(f"tokens.{name}", list, default=[])
+        if value and (len(value) != width or not all(_is_int(i) and i >= 0 for i in value)):
+            raise OptionsError(f"{source}: field 'tokens.{name}' must be {width} non-negative integers "
+                               f"(max_characters_per_token char ids{', then the word id' if word_dim else ''}), "
+                               f"found {value!r}")
+        ids[name] = tuple(value)
+    if bool(ids["bos_ids"]) != bool(ids["eos_ids"]) or (word_dim and not ids["bos_ids"]):
+        raise OptionsError(f"{source}: fields 'tokens.bos_ids' and 'tokens.eos_ids' go together, and a model with "
+                           f"a word embedding needs both")
+    return TokenOptions(word_dim=word_dim, n_words=n_words, **ids)
 
 
 def _is_int(value: Any) -> bool:

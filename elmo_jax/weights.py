@@ -157,16 +157,21 @@ def _describe(options: BiLMOptions) -> str:
 
 
 def check_params(params: dict, options: BiLMOptions) -> None:
-    """Raise WeightsError unless params has exactly the layout's arrays with the right shapes."""
-    for d in hdf5_layout(options):
+    """Raise WeightsError unless params has exactly the arrays of ``init_params(options)`` with their shapes."""
+    import jax
+
+    from .bilm import init_params
+
+    want = jax.eval_shape(lambda: init_params(options, jax.random.key(0)))
+    for path, spec in jax.tree_util.tree_flatten_with_path(want)[0]:
+        keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+        name = "/".join(map(str, keys))
         try:
-            value = _get(params, d.path)
+            value = _get(params, keys)
         except (KeyError, IndexError, TypeError):
-            raise WeightsError(f"params lack {'/'.join(map(str, d.path))} (HDF5 '{d.name}')") from None
-        want = _file_to_param(d.name, np.zeros(d.file_shape, np.float32)).shape
-        if tuple(np.shape(value)) != want:
-            raise WeightsError(f"params {'/'.join(map(str, d.path))} has shape {tuple(np.shape(value))}, "
-                               f"expected {want}")
+            raise WeightsError(f"params lack {name}") from None
+        if tuple(np.shape(value)) != spec.shape:
+            raise WeightsError(f"params {name} has shape {tuple(np.shape(value))}, expected {spec.shape}")
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -194,6 +199,10 @@ def save_hdf5(params: dict, options: BiLMOptions, path: str | os.PathLike) -> No
     """Write params in the original bilm-tf layout (loadable by AllenNLP, bilm-tf and ``load_hdf5``)."""
     import h5py
 
+    if options.tokens.bos_ids:
+        raise WeightsError(f"{os.fspath(path)}: this model (its own char dictionary"
+                           f"{' and a word embedding' if options.tokens.has_words else ''}, as ELMoForManyLangs "
+                           f"models have) does not fit the bilm-tf HDF5 layout; keep it as a checkpoint")
     check_params(params, options)
 
     def write(tmp: str) -> None:
@@ -205,33 +214,57 @@ def save_hdf5(params: dict, options: BiLMOptions, path: str | os.PathLike) -> No
     write_atomic(path, write)
 
 
-def save_options(options: BiLMOptions, path: str | os.PathLike, include_training: bool = False) -> None:
-    """Write options.json (bilm-tf layout), atomically."""
+def save_options(options: BiLMOptions, path: str | os.PathLike, include_training: bool = False,
+                 extra: dict | None = None) -> None:
+    """Write options.json (bilm-tf layout, plus the ``extra`` top-level fields), atomically."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(options.to_dict(include_training=include_training), f, indent=2)
+            json.dump({**options.to_dict(include_training=include_training), **(extra or {})}, f, indent=2)
             f.write("\n")
 
     write_atomic(path, write)
 
 
-def save_checkpoint(directory: str | os.PathLike, params: dict, options: BiLMOptions) -> None:
-    """Save params as an orbax checkpoint at ``directory/params`` with ``directory/options.json``."""
+def save_checkpoint(directory: str | os.PathLike, params: dict, options: BiLMOptions, characters=None,
+                    family: str = "bilm-tf") -> None:
+    """Save params as an orbax checkpoint at ``directory/params`` with ``directory/options.json``.
+
+    characters: the model's token-to-id mapping (``BiLM.characters``), which writes its dictionaries beside
+    (bilm-tf's bytes write nothing; None: the same); family: the model family it came from, kept in options.json."""
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(os.fspath(directory))
     check_params(params, options)
     os.makedirs(directory, exist_ok=True)
-    save_options(options, os.path.join(directory, "options.json"), include_training=True)
+    if characters is not None:
+        characters.save(directory)
+    save_options(options, os.path.join(directory, "options.json"), include_training=True,
+                 extra={"family": family} if family != "bilm-tf" else None)
     checkpointer = ocp.StandardCheckpointer()
     # orbax writes to a temporary directory and renames it when complete.
     checkpointer.save(os.path.join(directory, "params"), params, force=True)
     checkpointer.wait_until_finished()
 
 
+def checkpoint_characters(directory: str | os.PathLike, options: BiLMOptions):
+    """The token-to-id mapping and family of a ``save_checkpoint`` directory: (characters or None, family)."""
+    directory = os.path.abspath(os.fspath(directory))
+    path = os.path.join(directory, "options.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            family = json.load(f).get("family", "bilm-tf")
+    except (OSError, ValueError, AttributeError) as error:
+        raise WeightsError(f"{path}: not a readable options file ({error})") from None
+    if not options.tokens.bos_ids:
+        return None, family
+    from .efml import DictionaryCharacters
+
+    return DictionaryCharacters.from_directory(directory, options), family
+
+
 def load_checkpoint(directory: str | os.PathLike) -> tuple[dict, BiLMOptions]:
-    """Inverse of ``save_checkpoint``: (params, options)."""
+    """Inverse of ``save_checkpoint``: (params, options); ``checkpoint_characters`` reads the rest."""
     import jax
     import orbax.checkpoint as ocp
 
