@@ -24,6 +24,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def varying_like(tree, x: jax.Array):
+    """``tree`` plus a zero derived from ``x``: the same numbers, typed as varying over devices as ``x`` is.
+
+    Inside ``shard_map`` a value made of constants or replicated inputs is the same on every device, while one
+    computed from per-device inputs varies. A ``lax.scan`` refuses a carry that starts invariant and becomes
+    varying, and the gradient of an invariant input comes out already summed over the devices; adding this
+    zero gives ``tree`` the inputs' variance. A no-op under jit or pmap. ``x`` must not be empty.
+    """
+    import jax.numpy as jnp
+
+    zero = jnp.zeros_like(x, jnp.float32).reshape(-1)[0]  # () float32, x's device variance
+    return jax.tree.map(lambda a: a + zero.astype(a.dtype), tree)
+
+
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is >= n (and >= multiple)."""
     return max(multiple, -(-n // multiple) * multiple)

@@ -2,9 +2,12 @@
 
 import argparse
 import dataclasses
+import functools
 import io
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,12 +16,14 @@ import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from elmo_jax import BiLM, batch_to_ids, bilm, token_embedding
 from elmo_jax.characters import BOS_TOKEN, EOS_TOKEN, token_to_char_ids
 from elmo_jax.options import BiLMOptions
 from elmo_jax.train import commands
+from elmo_jax.train import trainer as trainer_module
 from elmo_jax.train.data import DataError, load_vocabulary
 from elmo_jax.train.evaluate import export, load_run, perplexity
 from elmo_jax.train.loss import (
@@ -30,9 +35,24 @@ from elmo_jax.train.loss import (
     log_uniform_probs,
     sample_candidates,
     sampled_softmax_loss,
+    softmax_candidates,
     softmax_rows,
 )
-from elmo_jax.train.trainer import TrainConfig, Trainer, TrainError, initialize_distributed
+from elmo_jax.train.trainer import (
+    BoundedBatches,
+    RowSparse,
+    TrainConfig,
+    Trainer,
+    TrainError,
+    _init_fn,
+    _make_optimizer,
+    _optimizer_settings,
+    apply_updates,
+    dense_train_step,
+    initialize_distributed,
+    long_token_bound,
+    train_step,
+)
 from tests.conftest import FIXTURES as SHARED_FIXTURES  # ../shared/fixtures or ELMO_JAX_FIXTURES
 
 FIXTURES = str(SHARED_FIXTURES / "train_tiny")
@@ -144,6 +164,106 @@ def test_tied_softmax_uses_the_token_embeddings_of_the_vocabulary(trained):
         softmax_rows(params, options, ids, None)
 
 
+# ---------------------------------------------------------------- (g) the row-sparse softmax update
+
+
+@pytest.mark.parametrize("tied, clip_norm, n_devices", [(False, 0.05, 1), (False, None, 4), (True, 0.05, 4)])
+def test_row_sparse_update_equals_the_dense_optax_update(tmp_path, tied, clip_norm, n_devices):
+    """Several steps of the trainer (row-sparse softmax gradient and Adagrad) = the dense gradient + optax."""
+    options = BiLMOptions.from_dict({**TINY, "share_embedding_softmax": tied})
+    config = TrainConfig(options, DATA, VOCAB, clip_norm=clip_norm)
+    trainer = Trainer(config, tmp_path / "run", devices=jax.devices()[:n_devices], log_stream=io.StringIO())
+    assert ("W" in trainer.state.params["softmax"]) is not tied
+    reference = jax.device_get(trainer.state)
+    dense_step = jax.jit(functools.partial(dense_train_step, options=options, settings=_optimizer_settings(config)))
+    batches = trainer.dataset.batches()
+    duplicates = overlaps = 0
+    for _ in range(4):
+        batch = next(batches)
+        candidates = softmax_candidates(options, batch, jax.random.fold_in(reference.key, reference.step))
+        labels = np.asarray(candidates.labels)
+        duplicates += sum(len(np.unique(row)) < row.size for row in labels)
+        overlaps += sum(np.isin(row, s).any() for row, s in zip(labels, np.asarray(candidates.sampled)))
+        got = jax.device_get(trainer.step(batch))
+        reference, expected = dense_step(reference, batch, trainer.vocab_char_ids)
+        np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-6)
+        np.testing.assert_allclose(got["grad_norm"], expected["grad_norm"], rtol=1e-6)
+        clip = clip_norm if clip_norm is not None else TINY["all_clip_norm_val"]
+        assert (expected["grad_norm"] > clip) == (clip_norm is not None)  # clipped in the cases that say so
+    assert duplicates and overlaps  # ids repeat within a step, and targets are drawn as negatives
+    state = jax.device_get(trainer.state)
+    for got, expected in zip(jax.tree.leaves((state.params, state.opt_state)),
+                             jax.tree.leaves((reference.params, reference.opt_state))):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)  # float rounding (4 devices sum otherwise)
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(reference.opt_state)  # optax's state: checkpoints
+
+
+def test_row_sparse_adagrad_changes_only_its_rows_as_optax_would():
+    """make_optimizer on a RowSparse gradient (pads, rows absent) = optax on the dense gradient; other rows stay."""
+    vocab, proj = 40, 3
+    keys = iter(jax.random.split(jax.random.key(7), 20))
+    params = {"softmax": {"W": jax.random.normal(next(keys), (vocab, proj)), "b": jnp.zeros((vocab,))},
+              "other": jax.random.normal(next(keys), (5,))}
+    settings = (0.2, 1.0, 0.5)  # the clip triggers
+    sparse, dense = _make_optimizer(*settings), optax.chain(optax.clip_by_global_norm(settings[2]),
+                                                            optax.adagrad(0.2, initial_accumulator_value=1.0, eps=0.0))
+    sparse_state, dense_state = sparse.init(params), dense.init(params)
+    sparse_params, dense_params = params, params
+    for step in range(3):
+        ids = jnp.array([3 + step, 7, 39, 0, vocab, vocab], jnp.int32)  # distinct, then two pads; rows 8..38 untouched
+        w_rows = jax.random.normal(next(keys), (6, proj)).at[4:].set(0.0)
+        b_rows = jax.random.normal(next(keys), (6,)).at[4:].set(0.0)
+        other = jax.random.normal(next(keys), (5,))
+        grads = {"softmax": {"W": RowSparse(ids, w_rows), "b": RowSparse(ids, b_rows)}, "other": other}
+        dense_grads = {"softmax": {"W": jnp.zeros((vocab, proj)).at[ids].set(w_rows, mode="drop"),
+                                   "b": jnp.zeros((vocab,)).at[ids].set(b_rows, mode="drop")}, "other": other}
+        before = sparse_params
+        updates, sparse_state = jax.jit(sparse.update)(grads, sparse_state, sparse_params)
+        sparse_params = jax.jit(apply_updates)(sparse_params, updates)
+        updates, dense_state = dense.update(dense_grads, dense_state, dense_params)
+        dense_params = optax.apply_updates(dense_params, updates)
+        np.testing.assert_array_equal(sparse_params["softmax"]["W"][8:39], before["softmax"]["W"][8:39])
+    _params_close(sparse_params, dense_params, 1e-7)
+    _params_close(sparse_state, dense_state, 1e-7)
+    assert jax.tree.structure(sparse_state) == jax.tree.structure(dense_state)
+
+
+def _all_reduced_shapes(hlo: str) -> list[tuple[int, ...]]:
+    """Shapes of the arrays that all-reduce ops of a compiled HLO module reduce (their results)."""
+    shapes = []
+    for line in hlo.splitlines():
+        if re.search(r"\ball-reduce(-start)?\(", line):
+            result = line.split("=", 1)[1].split("all-reduce")[0]
+            shapes += [tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([\d,]*)\]", result)]
+    return shapes
+
+
+def test_data_parallel_step_all_reduces_the_touched_softmax_rows_only():
+    """4 devices, a 5,000-word vocabulary: no all-reduce carries a (5000, P) or (5000,) array; the dense one does."""
+    vocab = 5000
+    options = BiLMOptions.from_dict({**TINY, "n_tokens_vocab": vocab})
+    settings = (0.2, 1.0, 10.0)
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    state = jax.eval_shape(_init_fn(options, settings), jax.random.PRNGKey(0), None)
+    shardings = state._replace(params=replicated, opt_state=replicated, step=replicated, lstm_state=by_batch,
+                               data_position=replicated, key=replicated)
+    batch = {name: jax.ShapeDtypeStruct((4, 5), jnp.int32) for name in
+             ("token_ids", "next_token_id", "token_ids_reverse", "next_token_id_reverse")}
+    batch.update({name: jax.ShapeDtypeStruct((4, 5, 50), jnp.int32) for name in ("char_ids", "char_ids_reverse")})
+
+    def compiled(step):
+        program = jax.jit(step, in_shardings=(shardings, by_batch, replicated), out_shardings=(shardings, replicated))
+        return program.lower(state, batch, None).compile().as_text()
+
+    sparse = _all_reduced_shapes(compiled(functools.partial(train_step, options=options,
+                                                            optimizer=_make_optimizer(*settings))))
+    dense = _all_reduced_shapes(compiled(functools.partial(dense_train_step, options=options, settings=settings)))
+    assert sparse and not any(vocab in shape for shape in sparse), sparse
+    assert any(vocab in shape for shape in dense), dense  # the check sees a dense softmax gradient
+
+
 # ---------------------------------------------------------------- (a) training works
 
 
@@ -158,6 +278,26 @@ def test_training_reduces_perplexity(trained):
 
 
 # ---------------------------------------------------------------- (b) resume
+
+
+def test_bounded_batches_read_ahead_yet_yield_the_stream_and_cursor_of_each_position():
+    """Bounds agreed for several batches at once (one all-gather with several processes): the same batches and
+    bounds as one at a time, and at each position the cursor a plain stream has there."""
+    from elmo_jax.train.data import LMDataset
+
+    vocab = load_vocabulary(VOCAB)
+    data = LMDataset(DATA, vocab, batch_size=2, unroll_steps=5, shuffle=False, loop=False)
+    plain, bounded = data.batches(), BoundedBatches(data.batches(), ahead=3)
+    count = 0
+    for batch, bound in bounded:
+        want = next(plain)
+        assert all(np.array_equal(batch[k], want[k]) for k in want) and bound == long_token_bound(want)
+        count += 1
+        assert bounded.position == plain.position == count and bounded.get_state() == plain.get_state()
+        assert bounded.batches.position - count == len(bounded.pending) < 3  # read 3 at a time
+    assert count >= 4 and next(plain, None) is None
+    resumed = BoundedBatches(data.batches(state=plain.get_state()), ahead=3)
+    assert next(resumed, None) is None
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -432,6 +572,31 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
         assert err.count("\n") == 1 and fragment in err and "Traceback" not in err, err
 
 
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_from_its_beginning(tmp_path, capsys):
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps(TINY))
+    flags = ["--train-prefix", DATA, "--vocab", VOCAB, "--options", options, "--steps", 3, "--log-every", 1,
+             "--devices", 1]
+    assert _cli("train", "--out", tmp_path / "straight", *flags) == 0
+    expected = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+    # killed before config.json: the directory exists and is empty; the flags of a new run are at hand
+    (tmp_path / "no-config").mkdir()
+    # killed after config.json, before the first checkpoint: the saved config is used, no flags needed
+    Trainer(_config(n_steps=3, log_every=1), tmp_path / "no-checkpoint", devices=jax.devices()[:1])
+    assert (tmp_path / "no-checkpoint" / "config.json").exists()
+    for run, argv in ((tmp_path / "no-config", flags), (tmp_path / "no-checkpoint", ["--devices", 1])):
+        capsys.readouterr()
+        assert _cli("train", "--out", run, "--resume", *argv) == 0
+        notices = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("step ")]
+        assert notices == [f"{run}: no checkpoint to resume yet; starting the run from its beginning"], notices
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in logged] == [1, 2, 3]
+        np.testing.assert_allclose([m["loss"] for m in logged], [m["loss"] for m in expected], rtol=1e-6)
+    assert _cli("train", "--out", tmp_path / "no-checkpoint", "--resume", "--steps", 1, "--devices", 1) == 0
+    assert "starting the run" not in capsys.readouterr().out  # now there is a checkpoint: a plain resume
+
+
 def test_cli_train_resume_perplexity_export(tmp_path, capsys):
     options = tmp_path / "options.json"
     options.write_text(json.dumps(TINY))
@@ -452,3 +617,100 @@ def test_cli_train_resume_perplexity_export(tmp_path, capsys):
     assert set(result) == {"forward", "backward", "mean", "batches"} and result["mean"] > 1
     assert _cli("export", run, "--weights", tmp_path / "w.hdf5", "--options", tmp_path / "o.json") == 0
     assert BiLM.from_hdf5(tmp_path / "o.json", tmp_path / "w.hdf5").options.lstm.dim == 32
+
+
+# ---------------------------------------------------------------- (g) O(1) resume, per-host rows
+
+
+def test_resume_reads_the_data_cursor_and_an_old_checkpoint_replays(tmp_path, monkeypatch):
+    """A checkpoint holds the data cursor: resuming at step 50 reads no more of the stream than the steps after it
+    need, with the uninterrupted run's numbers bit for bit. A checkpoint without one (written before cursors
+    existed) is resumed by replaying the stream, with the same numbers, and says so in one line."""
+    monkeypatch.setattr(trainer_module, "BOUNDS_AHEAD", 1)  # shards read count the steps' batches, none ahead
+    quiet, one = io.StringIO(), jax.devices()[:1]
+    config = _config(n_steps=60, log_every=100, checkpoint_every=50)
+    straight = Trainer(config, tmp_path / "straight", devices=one, log_stream=quiet)
+    straight.train(50)
+    read_by_50 = straight.dataset.stats["shards_read"]
+    straight.train()
+    assert read_by_50 >= 7  # train_tiny is one short shard: a replay to step 50 reads it once per epoch
+    (tmp_path / "split").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoints", tmp_path / "split" / "checkpoints",
+                    ignore=shutil.ignore_patterns("60"))
+    shutil.copytree(tmp_path / "split", tmp_path / "old")
+    shutil.rmtree(tmp_path / "old" / "checkpoints" / "50" / "data")
+    notes, old_notes = io.StringIO(), io.StringIO()
+    resumed = Trainer(config, tmp_path / "split", resume=True, devices=one, log_stream=notes)
+    old = Trainer(config, tmp_path / "old", resume=True, devices=one, log_stream=old_notes)
+    assert resumed.data_cursor["position"] == 50 and old.data_cursor is None
+    resumed.train()
+    # the shard as each epoch the rows' sentences come from shuffled it, then what steps 51-60 read
+    epochs = len({tuple(row[:2]) for row in resumed.data_cursor["rows"]})
+    assert resumed.dataset.stats["shards_read"] <= epochs + straight.dataset.stats["shards_read"] - read_by_50
+    assert resumed.dataset.stats["shards_read"] < read_by_50
+    assert notes.getvalue().startswith("step 60 ")  # and nothing else
+    old.train()
+    assert old.dataset.stats["shards_read"] > read_by_50
+    assert old_notes.getvalue().splitlines()[0] == (
+        f"{old.run_dir}: no data cursor at data position 50 (a checkpoint written before checkpoints held one): "
+        f"replaying the stream's first 50 batches to reach it")
+    for run in (resumed, old):
+        for part in ("params", "opt_state", "lstm_state"):
+            _params_close(getattr(straight.state, part), getattr(run.state, part), 0)
+    assert resumed._restore_cursor(60) == straight._cursor()  # the resumed run's last cursor is the straight one's
+
+
+_ROWS_SCRIPT = """
+import json, pathlib, sys
+import jax, numpy as np
+from elmo_jax.sharding import by_batch, data_mesh, replicated
+from elmo_jax.train.trainer import host_rows, initialize_distributed, long_token_bound, place_rows
+initialize_distributed()
+me = jax.process_index()
+mine, theirs = ([d for d in jax.devices() if d.process_index == p] for p in (me, 1 - me))
+order = [d for pair in zip(*sorted([mine, theirs], key=lambda ds: ds[0].process_index)) for d in pair]
+sharding = by_batch(data_mesh(order))  # devices of the two processes interleaved: p0, p1, p0, p1
+rows = host_rows(sharding, 8)
+whole = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
+placed = place_rows({"x": whole[rows]}, rows, sharding, 8)["x"]
+shards_ok = all(np.array_equal(np.asarray(s.data), whole[s.index]) for s in placed.addressable_shards)
+total = int(jax.jit(lambda a: a.sum(), out_shardings=replicated(sharding.mesh))(placed))
+chars = np.full((2, 5, 50), 260, np.int32)
+chars[..., :3] = 259  # short tokens (their char ids end before position 3)
+long = int(sys.argv[2 + me])
+chars.reshape(-1, 50)[:long, 20] = 66  # this host's long tokens (char ids past position 16)
+bound = long_token_bound({"char_ids": chars})
+result = {"rows": rows, "shards_ok": shards_ok, "total": total, "bound": bound}
+pathlib.Path(sys.argv[1], f"result{me}.json").write_text(json.dumps(result))
+"""
+
+
+def _run_in_processes(n_processes: int, argv: list[str], tmp_path) -> list[dict]:
+    """Run _ROWS_SCRIPT DIR ARGV in n_processes local processes of 2 CPU devices each; the results they wrote.
+
+    Each writes its result to a file in DIR: Gloo prints to stdout from C++ and can split any line printed there."""
+    port = _free_port()
+    launched = []
+    for index in range(n_processes):
+        env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(n_processes),
+               "JAX_PROCESS_ID": str(index), "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+        launched.append(subprocess.Popen([sys.executable, "-c", _ROWS_SCRIPT, str(tmp_path), *argv], env=env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for process in launched:
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output
+    return [json.loads((tmp_path / f"result{index}.json").read_text()) for index in range(n_processes)]
+
+
+def test_hosts_own_the_rows_of_the_index_map_and_agree_on_the_long_token_bound(tmp_path):
+    """2 processes whose devices the mesh interleaves: each owns the rows its devices hold (not a block by
+    process_index), places them where the index map says, and both take the bound of the global batch."""
+    # each host: 2 rows x 5 tokens; the global batch's bound is max(8, 20 // 16) = 8 long tokens
+    first, second = _run_in_processes(2, ["6", "2"], tmp_path)  # 8 long tokens in all: both use the bound
+    assert first["rows"] == [0, 1, 4, 5] and second["rows"] == [2, 3, 6, 7]
+    assert first["shards_ok"] and second["shards_ok"]
+    assert first["total"] == second["total"] == sum(range(24))
+    assert first["bound"] == second["bound"] == 8
+    # 9 long tokens in all, though each host alone is within 8: neither uses the bound
+    first, second = _run_in_processes(2, ["5", "4"], tmp_path)
+    assert first["bound"] is None and second["bound"] is None

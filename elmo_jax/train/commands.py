@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from ..characters import TokenError
@@ -32,7 +33,8 @@ def register(subparsers) -> None:
         "checkpoints/, config.json and metrics.jsonl. With --resume, the run's saved config.json is used and "
         "--vocab, --options, --init-weights, --seed, --log-every, --checkpoint-every and --learning-rate are "
         "ignored; --resume with --train-prefix continues the run on other data (bilm-tf's restart.py with a new "
-        "--train_prefix).")
+        "--train_prefix). --resume of a run killed before its first checkpoint starts it from its beginning (with "
+        "its config.json, or without one from the flags of a new run), and says so.")
     p.add_argument("--train-prefix", help="glob of training shards, e.g. 'data/*.txt' (quote it); required unless "
                                           "--resume. With --resume: continue the run (params, optimiser, step) on "
                                           "these shards instead, read from their start with a fresh LSTM state; "
@@ -43,7 +45,9 @@ def register(subparsers) -> None:
                                      "n_tokens_vocab, batch_size and unroll_steps); required unless --resume")
     p.add_argument("--out", required=True, help="run directory: checkpoints, config.json, metrics.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out exactly (params, "
-                                                         "optimiser, LSTM state, data position)")
+                                                         "optimiser, LSTM state, each batch row's place in the data), "
+                                                         "at once whatever the step; with none yet, start the run "
+                                                         "from its beginning")
     p.add_argument("--steps", type=int, help="a new run's total steps (default: n_epochs * n_train_tokens / "
                                              "(batch_size * unroll_steps)); with --resume, this many more steps "
                                              "(default: up to the run's total)")
@@ -114,7 +118,7 @@ def train_command(args: argparse.Namespace) -> int:
         from .trainer import TrainConfig, Trainer, load_config
 
         new_data = False
-        if args.resume:
+        if args.resume and os.path.exists(os.path.join(args.out, "config.json")):
             config = load_config(args.out)
             if args.train_prefix and args.train_prefix != config.train_prefix:
                 print(f"elmo-jax train: continuing {args.out} on new data {args.train_prefix} (was "
@@ -123,6 +127,9 @@ def train_command(args: argparse.Namespace) -> int:
         else:
             missing = [flag for flag, value in (("--train-prefix", args.train_prefix), ("--vocab", args.vocab),
                                                 ("--options", args.options)) if not value]
+            if missing and args.resume:  # the Trainer starts a run with no checkpoint from its beginning
+                _fail("train", f"{args.out}: no config.json to resume (the run never started or was killed before "
+                               f"writing it); pass {', '.join(missing)} to start it from its beginning")
             if missing:
                 _fail("train", f"{', '.join(missing)} required for a new run (or pass --resume)")
             config = TrainConfig(BiLMOptions.from_path(args.options), args.train_prefix, args.vocab,

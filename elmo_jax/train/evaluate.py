@@ -1,5 +1,5 @@
-"""After training: test perplexity with the full softmax (bilm-tf's run_test), restoring a run's params, and
-exporting the biLM in the published HDF5 layout (bilm-tf's dump_weights / dump_token_embeddings).
+"""After training: test perplexity with the full softmax (bilm-tf's run_test) on all devices, restoring a run's
+params, and exporting the biLM in the published HDF5 layout (bilm-tf's dump_weights / dump_token_embeddings).
 """
 
 from __future__ import annotations
@@ -12,30 +12,34 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
+from ..bilm import token_embedding
 from ..characters import Vocabulary
 from ..options import BiLMOptions
-from ..sharding import data_mesh, replicated
+from ..sharding import by_batch, data_mesh, replicated
 from .data import DataError, LMDataset
-from .loss import eval_loss, initial_lm_state
+from .loss import eval_token_losses, initial_lm_state
 from .trainer import TrainConfig, TrainError, TrainState, _init_fn, _optimizer_settings, load_config
 
 
-@functools.partial(jax.jit, static_argnames=("options",))
-def _eval_step(params, options, batch, state, vocab_char_ids):
-    return eval_loss(params, options, batch, state, vocab_char_ids)
-
-
 def perplexity(params: dict, options: BiLMOptions, files: str, vocab: Vocabulary, *, batch_size: int = 256,
-               unroll_steps: int = 1, max_batches: int | None = None) -> dict[str, float]:
-    """Test perplexity as bilm-tf's run_test computes it.
+               unroll_steps: int = 1, max_batches: int | None = None, devices: list | None = None) -> dict[str, float]:
+    """Test perplexity as bilm-tf's run_test computes it, on all devices.
 
     One pass over the shards matched by ``files`` in order, unshuffled, cut into (batch_size, unroll_steps)
-    windows with the LSTM state carried; the last partial batch is dropped. The loss of a batch is the
-    full-softmax mean over its tokens; perplexity = exp(mean over batches).
+    windows with the LSTM state carried; the last partial batch is dropped. Perplexity = exp(mean over the
+    tokens of the full-softmax loss), which is bilm-tf's exp(mean over batches of the batch means): every
+    batch has batch_size * unroll_steps tokens.
+
+    Each batch is split by rows over a data mesh (``elmo_jax.sharding.data_mesh``), params replicated. The sums
+    of the losses (compensated float32 sums, so long evaluations lose no precision) and the token count stay
+    on the devices and are fetched once, at the end. With a tied softmax (share_embedding_softmax) the
+    vocabulary's token embeddings, the softmax weights, are computed once, split over the devices.
 
     Args:
       params: biLM params with "softmax"; vocab: the training vocabulary (n_tokens_vocab words).
+      devices: the devices to use (default: all local ones); as many of the first of them as divide batch_size.
     Returns:
       {"forward", "backward" (if bidirectional), "mean" (exp of the mean of the directions' losses), "batches"}.
     """
@@ -46,25 +50,106 @@ def perplexity(params: dict, options: BiLMOptions, files: str, vocab: Vocabulary
                         f"n_tokens_vocab={options.training.n_tokens_vocab}")
     max_chars = options.char_cnn.max_characters_per_token
     data = LMDataset(files, vocab, batch_size, unroll_steps, shuffle=False, loop=False, max_chars=max_chars)
-    vocab_char_ids = jnp.asarray(vocab.char_ids(max_chars)) if options.training.share_embedding_softmax else None
-    params = jax.device_put(params)  # once, not per batch
-    state = initial_lm_state(options, batch_size)
-    totals: dict[str, float] = {}
+    # ---- mesh: the batch split by rows, the rest replicated
+    devices = list(devices) if devices is not None else jax.local_devices()
+    n_devices = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+    mesh = data_mesh(devices[:n_devices])
+    whole, rows = replicated(mesh), by_batch(mesh)
+    params = jax.device_put(params, whole)
+    if options.training.share_embedding_softmax:
+        softmax_w = vocabulary_embeddings(params, options, vocab.char_ids(max_chars), mesh)
+    else:
+        softmax_w = params["softmax"]["W"]
+    # ---- the pass: sums on the devices
+    step = _eval_step(options, mesh)
+    state = jax.device_put(initial_lm_state(options, batch_size), rows)
+    totals = jax.device_put(_zero_totals(options), whole)
     n = 0
     for batch in data.batches():
-        losses, state = _eval_step(params, options, batch, state, vocab_char_ids)
-        for direction, value in jax.device_get(losses).items():
-            totals[direction] = totals.get(direction, 0.0) + float(value)
+        totals, state = step(params, softmax_w, jax.device_put(batch, rows), state, totals)
         n += 1
         if max_batches is not None and n >= max_batches:
             break
     if n == 0:
         raise DataError(f"{files!r}: too little text for one batch of batch_size={batch_size} x "
                         f"unroll_steps={unroll_steps} tokens")
-    out = {direction: math.exp(total / n) for direction, total in totals.items()}
-    out["mean"] = math.exp(sum(totals.values()) / len(totals) / n)
+    totals = jax.device_get(totals)  # the one fetch
+    tokens = int(totals["tokens"])
+    losses = {direction: (float(total) + float(compensation)) / tokens
+              for direction, (total, compensation) in totals["losses"].items()}
+    out = {direction: math.exp(loss) for direction, loss in losses.items()}
+    out["mean"] = math.exp(sum(losses.values()) / len(losses))
     out["batches"] = n
     return out
+
+
+def vocabulary_embeddings(params: dict, options: BiLMOptions, vocab_char_ids: np.ndarray, mesh: Mesh, *,
+                          chunk: int = 1024) -> jax.Array:
+    """Every vocabulary word's token embedding, the weights of a tied softmax, computed once.
+
+    Args:
+      vocab_char_ids: (n_vocab, max_chars) (``Vocabulary.char_ids``).
+      mesh: a data mesh; the words are split over its devices, each embedding its words ``chunk`` at a time.
+    Returns:
+      (n_vocab, projection_dim) float32, replicated over the mesh.
+    """
+    n_vocab, width = vocab_char_ids.shape
+    per_device = -(-n_vocab // mesh.size)
+    chunk = min(chunk, per_device)
+    n_chunks = -(-per_device // chunk)  # per device
+    padded = np.zeros((mesh.size * n_chunks * chunk, width), np.int32)  # padding words are embedded, then dropped
+    padded[:n_vocab] = vocab_char_ids
+    bilm_params = {name: value for name, value in params.items() if name != "softmax"}
+    program = _vocabulary_program(options, mesh, n_vocab)
+    return program(bilm_params, jax.device_put(padded.reshape(-1, chunk, width), by_batch(mesh)))
+
+
+@functools.lru_cache(maxsize=16)
+def _vocabulary_program(options: BiLMOptions, mesh: Mesh, n_vocab: int):
+    """The jitted vocabulary_embeddings: (params, (chunks, chunk, width) split over the mesh) -> (n_vocab, P)."""
+
+    def embed(params, chunks):  # this device's chunks -> their embeddings, one chunk at a time
+        return jax.lax.map(lambda ids: token_embedding(params, options, ids), chunks)
+
+    sharded = jax.shard_map(embed, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("data")),
+                            out_specs=PartitionSpec("data"))
+
+    def program(params, chunks):
+        out = sharded(params, chunks)  # (chunks, chunk, P)
+        return out.reshape(-1, out.shape[-1])[:n_vocab]
+
+    return jax.jit(program, out_shardings=replicated(mesh))
+
+
+def _zero_totals(options: BiLMOptions) -> dict:
+    """{"losses": {direction: (sum, compensation)} float32, "tokens": int32}: nothing summed yet."""
+    zero = np.zeros((), np.float32)
+    return {"losses": {direction: (zero, zero) for direction in initial_lm_state(options, 1)},
+            "tokens": np.zeros((), np.int32)}
+
+
+def _add(total: tuple[jax.Array, jax.Array], x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Neumaier's compensated sum: (sum, compensation) + x, the error of each float32 addition kept apart."""
+    value, compensation = total
+    new = value + x
+    lost = jnp.where(jnp.abs(value) >= jnp.abs(x), (value - new) + x, (x - new) + value)
+    return new, compensation + lost
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_step(options: BiLMOptions, mesh: Mesh):
+    """The jitted step(params, softmax_w, batch, state, totals) -> (totals, state) of one evaluation window:
+    the batch and LSTM state split by rows over the mesh, the rest replicated; totals and state are donated."""
+    whole, rows = replicated(mesh), by_batch(mesh)
+
+    def step(params, softmax_w, batch, state, totals):
+        per_token, state = eval_token_losses(params, options, batch, state, softmax_w)  # (batch * time,) each
+        losses = {direction: _add(totals["losses"][direction], jnp.sum(values))
+                  for direction, values in per_token.items()}
+        return {"losses": losses, "tokens": totals["tokens"] + batch["next_token_id"].size}, state
+
+    return jax.jit(step, in_shardings=(whole, whole, rows, rows, whole), out_shardings=(whole, rows),
+                   donate_argnums=(3, 4))
 
 
 def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[dict, TrainConfig]:

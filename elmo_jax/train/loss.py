@@ -10,11 +10,16 @@ each cell, and dropout on the flattened LSTM output before the softmax.
 
 Loss: mean over tokens of the sampled softmax (training) or full softmax (evaluation); the biLM loss
 is the mean of the forward and backward losses.
+
+A train step touches few softmax rows (its targets and negatives, ``softmax_candidates``): the trainer
+gathers those rows (``gather_softmax``) and differentiates the loss with respect to them, so the
+softmax gradient is (rows, P), not (n_tokens_vocab, P) (bilm-tf's IndexedSlices).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,11 +93,12 @@ def initial_lm_state(options: BiLMOptions, batch: int) -> dict:
 
 
 def lstm_stack(layers: list[dict], options: BiLMOptions, x: jax.Array, state: list[LSTMState], *,
-               key: jax.Array | None) -> tuple[jax.Array, list[LSTMState]]:
+               key: jax.Array | None, axis_name=None) -> tuple[jax.Array, list[LSTMState]]:
     """One direction's stacked LSTM, forward in time, with bilm-tf's dropout and skip connections.
 
     Args:
       layers: lstm_layer params per layer; x: (batch, time, P); state: LSTMState per layer.
+      axis_name: None, or the pmap / shard_map axis that splits the batch (see ``batch_dropout``).
     Returns:
       (batch, time, P) output after output dropout, and the final LSTMState per layer.
     """
@@ -100,13 +106,31 @@ def lstm_stack(layers: list[dict], options: BiLMOptions, x: jax.Array, state: li
     mask = jnp.ones(x.shape[:2], bool)  # windows are always full
     new_state = []
     for i, (params, layer_state) in enumerate(zip(layers, state)):
-        x_in = dropout(x, rate, key=None if key is None else jax.random.fold_in(key, i))
+        x_in = batch_dropout(x, rate, key=None if key is None else jax.random.fold_in(key, i), axis_name=axis_name)
         y, s = lstm_layer(params, x_in, mask, layer_state, cell_clip=lstm.cell_clip, proj_clip=lstm.proj_clip)
         if i > 0 and lstm.use_skip_connections:
             y = y + x_in  # ResidualWrapper inside DropoutWrapper: the skip adds the dropped input
         new_state.append(s)
         x = y
-    return dropout(x, rate, key=None if key is None else jax.random.fold_in(key, len(layers))), new_state
+    out_key = None if key is None else jax.random.fold_in(key, len(layers))
+    return batch_dropout(x, rate, key=out_key, axis_name=axis_name), new_state
+
+
+def batch_dropout(x: jax.Array, rate: float, *, key: jax.Array | None, axis_name=None) -> jax.Array:
+    """``elmo.dropout`` of a batch (batch, ...); under ``axis_name`` x holds this device's rows of the batch.
+
+    The mask is then the one the whole batch gets from ``key``, at this device's rows, so a pmap or
+    shard_map step drops exactly what the jit-over-mesh step drops (and devices do not share one mask).
+    Each device draws the whole batch's mask: cheap next to the LSTM, whose matmuls cost about
+    8 * dim multiply-adds per mask element.
+    """
+    if key is None or rate == 0.0 or axis_name is None:
+        return dropout(x, rate, key=key)
+    rows = x.shape[0]
+    whole = (rows * jax.lax.psum(1, axis_name), *x.shape[1:])  # psum of a constant: the axis size, static
+    keep = jax.random.bernoulli(key, 1.0 - rate, whole)
+    keep = jax.lax.dynamic_slice_in_dim(keep, jax.lax.axis_index(axis_name) * rows, rows)  # (batch, ...)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def _stack(trees: list):
@@ -114,7 +138,7 @@ def _stack(trees: list):
 
 
 def lm_outputs(params: dict, options: BiLMOptions, batch: dict, state: dict, *, key: jax.Array | None = None,
-               long_token_rows: int | None = None):
+               long_token_rows: int | None = None, axis_name=None):
     """Top LSTM outputs of each LM on its stream.
 
     The directions are stacked on a leading axis and ``lstm_stack`` is vmapped over it, so both LMs run
@@ -124,6 +148,8 @@ def lm_outputs(params: dict, options: BiLMOptions, batch: dict, state: dict, *, 
       batch: "char_ids" (batch, time, max_chars) and, if bidirectional, "char_ids_reverse".
       state: carried state (see initial_lm_state); key: dropout key, None for none (evaluation).
       long_token_rows: at most this many of the batch's tokens (both streams) are long: see char_cnn.char_cnn.
+      axis_name: None, or the pmap / shard_map axis over which the batch is split: the dropout masks are then
+        this device's rows of the whole batch's (``batch_dropout``).
     Returns:
       {"forward": (batch, time, P), "backward": ...} and the new carried state.
     """
@@ -136,7 +162,8 @@ def lm_outputs(params: dict, options: BiLMOptions, batch: dict, state: dict, *, 
         out, new = jax.vmap(lambda p, x, s: lstm_stack(p, options, x, s, key=None))(layers, x, states)
     else:
         keys = jnp.stack([jax.random.fold_in(key, d) for d in range(len(directions))])
-        out, new = jax.vmap(lambda p, x, s, k: lstm_stack(p, options, x, s, key=k))(layers, x, states, keys)
+        out, new = jax.vmap(lambda p, x, s, k: lstm_stack(p, options, x, s, key=k, axis_name=axis_name))(
+            layers, x, states, keys)
     outputs = {d: out[i] for i, d in enumerate(directions)}
     new_state = {d: jax.tree.map(lambda a, i=i: a[i], new) for i, d in enumerate(directions)}
     return outputs, new_state
@@ -147,7 +174,11 @@ def lm_outputs(params: dict, options: BiLMOptions, batch: dict, state: dict, *, 
 
 def log_uniform_probs(n_vocab: int) -> jax.Array:
     """P(k) = log((k + 2) / (k + 1)) / log(n_vocab + 1), the Zipfian sampler's law over ids 0..n-1; sums to 1."""
-    k = jnp.arange(n_vocab, dtype=jnp.float32)
+    return _log_uniform_prob(jnp.arange(n_vocab, dtype=jnp.int32), n_vocab)
+
+
+def _log_uniform_prob(ids: jax.Array, n_vocab: int) -> jax.Array:
+    k = ids.astype(jnp.float32)
     return jnp.log1p(1.0 / (k + 1.0)) / jnp.log(n_vocab + 1.0)  # log((k+2)/(k+1)), precise for large k in float32
 
 
@@ -195,7 +226,7 @@ def sample_candidates(key: jax.Array, n_vocab: int, n_sampled: int) -> tuple[jax
 def expected_count(ids: jax.Array, num_tries: jax.Array, n_vocab: int, n_sampled: int) -> jax.Array:
     """TF's expected count of each id among the sampled candidates: 1 - (1 - p)^num_tries (p * n_sampled when
     num_tries == n_sampled); 1 when every id is a candidate (num_tries = -1). Shape of ids."""
-    p = log_uniform_probs(n_vocab)[ids]
+    p = _log_uniform_prob(ids, n_vocab)  # log_uniform_probs(n_vocab)[ids], without the (n_vocab,) table
     unique = -jnp.expm1(num_tries.astype(jnp.float32) * jnp.log1p(-p))
     count = jnp.where(num_tries == n_sampled, p * n_sampled, unique)
     return jnp.where(num_tries < 0, jnp.ones_like(p), count)
@@ -241,37 +272,107 @@ def _targets(batch: dict, direction: str) -> jax.Array:
     return batch["next_token_id" if direction == "forward" else "next_token_id_reverse"]
 
 
+def _directions(options: BiLMOptions) -> tuple[str, ...]:
+    """The LMs in sorted order, as jax orders a dict's keys (so as a jitted state lists them); direction i
+    draws its negatives with fold_in(key, i)."""
+    return tuple(sorted(DIRECTIONS if options.training.bidirectional else DIRECTIONS[:1]))
+
+
+class Candidates(NamedTuple):
+    """The softmax rows of one train step: its targets, its negatives and the distinct ids among them.
+
+    Directions in sorted order ("backward" first). labels: (directions, n) int32 targets, n = batch * unroll_steps;
+    sampled: (directions, S) int32 negatives; tries: (directions,) int32 draws the sampler made; ids:
+    (directions * (n + S),) int32 the distinct ids of labels and sampled, ascending, padded with n_vocab (no row);
+    label_slots (directions, n) and sampled_slots (directions, S): where each label and negative is in ids
+    (labels == ids[label_slots]).
+    """
+
+    labels: jax.Array
+    sampled: jax.Array
+    tries: jax.Array
+    ids: jax.Array
+    label_slots: jax.Array
+    sampled_slots: jax.Array
+
+
+def softmax_candidates(options: BiLMOptions, batch: dict, key: jax.Array) -> Candidates:
+    """The targets and sampled negatives of one window, and the distinct softmax rows they touch.
+
+    Each direction draws its own candidates, as bilm-tf's two sampled_softmax_loss ops do.
+    Args:
+      batch: see data.LMDataset.batches; key: the step's key, the one train_loss gets.
+    """
+    _, sample_key = jax.random.split(key)  # train_loss's dropout key is the first half
+    directions = _directions(options)
+    n_vocab, n_sampled = _n_vocab(options), options.training.n_negative_samples_batch
+    labels = jnp.stack([_targets(batch, d).reshape(-1) for d in directions])  # (directions, batch * time)
+    keys = jnp.stack([jax.random.fold_in(sample_key, d) for d in range(len(directions))])
+    sampled, tries = jax.vmap(lambda k: sample_candidates(k, n_vocab, n_sampled))(keys)  # (directions, S)
+    touched = jnp.concatenate([labels.reshape(-1), sampled.reshape(-1)])  # (directions * (n + S),)
+    ids, slots = jnp.unique(touched, size=touched.size, fill_value=n_vocab, return_inverse=True)
+    slots = slots.reshape(-1)
+    return Candidates(labels, sampled, tries, ids.astype(jnp.int32), slots[: labels.size].reshape(labels.shape),
+                      slots[labels.size :].reshape(sampled.shape))
+
+
+def gather_softmax(softmax: dict, ids: jax.Array) -> dict:
+    """Rows ``ids`` (n,) of each softmax table ("W" (V, P) -> (n, P), "b" (V,) -> (n,)); an id >= V gives zeros."""
+    return {name: table.at[ids].get(mode="fill", fill_value=0) for name, table in softmax.items()}
+
+
 def train_loss(params: dict, options: BiLMOptions, batch: dict, state: dict, *, key: jax.Array,
-               vocab_char_ids: jax.Array | None = None, long_token_rows: int | None = None):
+               vocab_char_ids: jax.Array | None = None, long_token_rows: int | None = None,
+               candidates: Candidates | None = None, axis_name=None):
     """Mean of the directions' sampled-softmax losses on one window, with dropout.
 
     Args:
+      params: biLM params and "softmax": the whole tables ("W" (V, P), "b" (V,)) when ``candidates`` is None;
+        else only their rows ``candidates.ids``, as ``gather_softmax`` gives them ("W" (n, P), "b" (n,)), so
+        that the gradient of the softmax has those rows only.
       batch: see data.LMDataset.batches (arrays of (batch, unroll_steps[, max_chars])).
       state: carried LSTM state; key: dropout and sampler key (one step's key).
       long_token_rows: see lm_outputs.
+      candidates: softmax_candidates(options, batch, key), or None to draw them here.
+      axis_name: None, or the pmap / shard_map axis that splits the batch: ``batch`` and ``state`` are this
+        device's rows, the dropout masks are its rows of the whole batch's, and the loss is that of its rows
+        (the mean over devices, ``lax.pmean``, is the whole batch's: every device has as many tokens).
+        The negatives come from ``key`` alone, so every device draws the whole batch's; with ``candidates``,
+        pass the whole batch's ids and slots with this device's labels (``trainer.train_step`` does).
     Returns:
       (loss scalar, ({direction: loss}, new state)).
     """
-    dropout_key, sample_key = jax.random.split(key)
-    outputs, new_state = lm_outputs(params, options, batch, state, key=dropout_key, long_token_rows=long_token_rows)
+    dropout_key, _ = jax.random.split(key)
+    outputs, new_state = lm_outputs(params, options, batch, state, key=dropout_key, long_token_rows=long_token_rows,
+                                    axis_name=axis_name)
     n_vocab, n_sampled = _n_vocab(options), options.training.n_negative_samples_batch
-    softmax_b = params["softmax"]["b"]
-    directions = list(outputs)
+    softmax = params["softmax"]
+    if candidates is None:  # index the whole tables: the softmax gradient is dense, (V, P)
+        c = softmax_candidates(options, batch, key)
+        true_w, sampled_w = (softmax_rows(params, options, ids, vocab_char_ids) for ids in (c.labels, c.sampled))
+        true_b, sampled_b = softmax["b"][c.labels], softmax["b"][c.sampled]
+    else:  # the rows of c.ids: labels and negatives are slots in them
+        c = candidates
+        if "W" in softmax:
+            w = softmax["W"]
+        elif vocab_char_ids is None:
+            raise ValueError("share_embedding_softmax needs vocab_char_ids (the vocabulary's char ids)")
+        else:
+            w = token_embedding(params, options, vocab_char_ids.at[c.ids].get(mode="fill", fill_value=0))
+        true_w, sampled_w = w[c.label_slots], w[c.sampled_slots]  # (directions, n, P), (directions, S, P)
+        true_b, sampled_b = softmax["b"][c.label_slots], softmax["b"][c.sampled_slots]
+    directions = _directions(options)
     hidden = jnp.stack([outputs[d] for d in directions])
     hidden = hidden.reshape(len(directions), -1, hidden.shape[-1])  # (directions, batch * time, P)
-    labels = jnp.stack([_targets(batch, d).reshape(-1) for d in directions])  # (directions, batch * time)
-    keys = jnp.stack([jax.random.fold_in(sample_key, d) for d in range(len(directions))])
-    # Each direction draws its own candidates, as bilm-tf's two sampled_softmax_loss ops do.
-    sampled, tries = jax.vmap(lambda k: sample_candidates(k, n_vocab, n_sampled))(keys)  # (directions, S)
 
-    def direction_loss(hidden, labels, sampled, tries):
+    def direction_loss(hidden, labels, sampled, tries, true_w, true_b, sampled_w, sampled_b):
         per_token = sampled_softmax_loss(
-            hidden, labels, softmax_rows(params, options, labels, vocab_char_ids), softmax_b[labels],
-            sampled, softmax_rows(params, options, sampled, vocab_char_ids), softmax_b[sampled],
+            hidden, labels, true_w, true_b, sampled, sampled_w, sampled_b,
             expected_count(labels, tries, n_vocab, n_sampled), expected_count(sampled, tries, n_vocab, n_sampled))
         return jnp.mean(per_token)
 
-    per_direction = jax.vmap(direction_loss)(hidden, labels, sampled, tries)  # (directions,)
+    per_direction = jax.vmap(direction_loss)(hidden, c.labels, c.sampled, c.tries, true_w, true_b, sampled_w,
+                                             sampled_b)  # (directions,)
     losses = {d: per_direction[i] for i, d in enumerate(directions)}
     return jnp.mean(per_direction), (losses, new_state)
 
@@ -279,12 +380,25 @@ def train_loss(params: dict, options: BiLMOptions, batch: dict, state: dict, *, 
 def eval_loss(params: dict, options: BiLMOptions, batch: dict, state: dict,
               vocab_char_ids: jax.Array | None = None) -> tuple[dict, dict]:
     """Full-softmax mean loss of each direction on one window, no dropout: ({direction: loss}, new state)."""
+    w = softmax_rows(params, options, jnp.arange(_n_vocab(options)), vocab_char_ids)
+    per_token, new_state = eval_token_losses(params, options, batch, state, w)
+    return {direction: jnp.mean(losses) for direction, losses in per_token.items()}, new_state
+
+
+def eval_token_losses(params: dict, options: BiLMOptions, batch: dict, state: dict,
+                      softmax_w: jax.Array) -> tuple[dict, dict]:
+    """Full-softmax loss of every token of one window, no dropout.
+
+    Args:
+      softmax_w: (n_tokens_vocab, P) the softmax weights (``softmax_rows`` of every id; for a tied softmax
+        the vocabulary's token embeddings, which an evaluation computes once).
+    Returns:
+      ({direction: (batch * time,) losses}, new state).
+    """
     outputs, new_state = lm_outputs(params, options, batch, state, key=None)
-    all_ids = jnp.arange(_n_vocab(options))
-    w = softmax_rows(params, options, all_ids, vocab_char_ids)
     losses = {}
     for direction, out in outputs.items():
         hidden = out.reshape(-1, out.shape[-1])
-        losses[direction] = jnp.mean(full_softmax_loss(hidden, _targets(batch, direction).reshape(-1), w,
-                                                       params["softmax"]["b"]))
+        losses[direction] = full_softmax_loss(hidden, _targets(batch, direction).reshape(-1), softmax_w,
+                                              params["softmax"]["b"])
     return losses, new_state

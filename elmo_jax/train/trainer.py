@@ -7,18 +7,30 @@ Data parallelism is ``jax.jit`` over a one-axis Mesh ("data"): batches and the c
 split by rows (``P("data")``), params and optimiser state are replicated; XLA inserts the gradient
 all-reduce. The same code runs on one CPU, simulated CPU devices, one GPU or several hosts.
 
+The softmax gradient is row-sparse (``RowSparse``: the rows a step touches, see ``train_step``), so
+neither its update nor its all-reduce grows with the vocabulary. The softmax table and its Adagrad
+accumulator stay replicated: 2 * n_tokens_vocab * projection_dim * 4 bytes on every device, 3.3 GB for
+the published 793,471 x 512, so a 16 GB device holds the softmax of about 2.5 million words at P = 512 next
+to a 2x4096_512 biLM (sharding them by rows is not done).
+
 Multi-host: call ``initialize_distributed()`` (``--distributed``) first in every process; it runs
 ``jax.distributed.initialize()``, which reads the coordinator address, process count and index from
 the cluster environment (SLURM, Open MPI, Kubernetes, Cloud TPU), or from JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID.
-Every host reads the same deterministic stream and feeds only its own rows of each global batch, so
-the global batch is identical to a single-host run's. The run directory must be on shared storage.
+Every host follows the same deterministic stream and builds only its own rows of each global batch, the
+rows that the batch sharding's index map puts on its devices (``host_rows``), so the global batch is
+identical to a single-host run's. The run directory must be on shared storage.
+
+Checkpoints hold the data stream's cursor next to the state (item "data", ``data.Batches.get_state``), so a
+resume starts reading at once whatever the step. A checkpoint written before cursors existed is still
+resumed exactly, by replaying the stream up to its data position (this says so in one line).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -36,10 +48,10 @@ from ..bilm import COMPUTE_DTYPES
 from ..char_cnn import long_tokens
 from ..options import BiLMOptions
 from ..sharding import by_batch as batch_sharding
-from ..sharding import data_mesh
+from ..sharding import data_mesh, varying_like
 from ..sharding import replicated as replicated_sharding
-from .data import LMDataset, load_vocabulary
-from .loss import init_train_params, initial_lm_state, train_loss
+from .data import Batches, LMDataset, load_vocabulary
+from .loss import gather_softmax, init_train_params, initial_lm_state, softmax_candidates, train_loss
 
 
 class TrainError(RuntimeError):
@@ -119,52 +131,224 @@ def _optimizer_settings(config: TrainConfig) -> tuple[float, float, float]:
     return config.learning_rate, config.initial_accumulator_value, clip
 
 
+# ---------------------------------------------------------------- the optimiser, with row-sparse softmax gradients
+
+
+class RowSparse(NamedTuple):
+    """A gradient or update of a (V, ...) array that is zero outside some rows (TF's IndexedSlices).
+
+    ids: (n,) int32 distinct row indices; an id >= V pads (read as zeros, dropped on write).
+    rows: (n, ...) the values of those rows.
+    """
+
+    ids: jax.Array
+    rows: jax.Array
+
+
+def _is_sparse(x) -> bool:
+    return isinstance(x, RowSparse)
+
+
+def _map_values(fn, tree):
+    """fn on every dense leaf and on the rows of every RowSparse leaf."""
+    return jax.tree.map(lambda t: RowSparse(t.ids, fn(t.rows)) if _is_sparse(t) else fn(t), tree, is_leaf=_is_sparse)
+
+
+def global_norm(tree) -> jax.Array:
+    """optax.tree.norm of the dense tree that ``tree`` stands for: a RowSparse leaf's other rows are zeros."""
+    return optax.tree.norm(jax.tree.map(lambda t: t.rows if _is_sparse(t) else t, tree, is_leaf=_is_sparse))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm (same formula and state) for trees that may hold RowSparse leaves."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        trigger = norm < max_norm
+        return _map_values(lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def scale_by_rss(initial_accumulator_value: float, eps: float = 0.0) -> optax.GradientTransformation:
+    """optax.scale_by_rss (same formula and state) for trees that may hold RowSparse leaves.
+
+    A RowSparse gradient reads and writes only its rows of the (V, ...) accumulator. This is exactly the
+    dense update: a zero gradient row leaves its accumulator row as it is and gets a zero update.
+    """
+
+    def one(g, acc):
+        if not _is_sparse(g):
+            total = jnp.square(g) + acc
+            return jnp.where(total > 0, jax.lax.rsqrt(total + eps), 0.0) * g, total
+        total = jnp.square(g.rows) + acc.at[g.ids].get(mode="fill", fill_value=0)  # (n, ...)
+        scaled = jnp.where(total > 0, jax.lax.rsqrt(total + eps), 0.0) * g.rows
+        return RowSparse(g.ids, scaled), acc.at[g.ids].set(total, mode="drop")
+
+    def update(updates, state, params=None):
+        del params
+        leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_sparse)
+        pairs = [one(g, acc) for g, acc in zip(leaves, treedef.flatten_up_to(state.sum_of_squares))]
+        return (treedef.unflatten([u for u, _ in pairs]),
+                optax.ScaleByRssState(sum_of_squares=treedef.unflatten([acc for _, acc in pairs])))
+
+    return optax.GradientTransformation(optax.scale_by_rss(initial_accumulator_value, eps).init, update)
+
+
+def scale(step_size: float) -> optax.GradientTransformation:
+    """optax.scale for trees that may hold RowSparse leaves."""
+
+    def update(updates, state, params=None):
+        del params
+        return _map_values(lambda t: step_size * t, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def apply_updates(params: dict, updates: dict) -> dict:
+    """optax.apply_updates where a RowSparse update adds to its rows only, in place (p + u there, as dense)."""
+
+    def one(p, u):
+        if _is_sparse(u):
+            return p.at[u.ids].add(u.rows.astype(p.dtype), mode="drop")
+        return jnp.asarray(p + u).astype(p.dtype)
+
+    return jax.tree.map(one, params, updates)
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping then Adagrad (TF's: no epsilon, accumulator starts at initial_accumulator_value)."""
+    """Global-norm clipping then Adagrad (TF's: no epsilon, accumulator starts at initial_accumulator_value).
+
+    optax.chain(clip_by_global_norm, adagrad) in numbers and state (checkpoints hold that state), and it also
+    takes RowSparse gradients: the softmax rows a step touches are all it clips, accumulates and updates.
+    Apply its updates with ``apply_updates``.
+    """
     return _make_optimizer(*_optimizer_settings(config))
 
 
 def _make_optimizer(learning_rate: float, initial_accumulator_value: float, clip: float):
-    return optax.chain(optax.clip_by_global_norm(clip),
-                       optax.adagrad(learning_rate, initial_accumulator_value=initial_accumulator_value, eps=0.0))
+    adagrad = optax.chain(scale_by_rss(initial_accumulator_value, eps=0.0), scale(-learning_rate))  # optax.adagrad
+    return optax.chain(clip_by_global_norm(clip), adagrad)
 
 
 def _cast(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype), tree)
 
 
+def dense_train_step(state: TrainState, batch: dict, vocab_char_ids: jax.Array | None, *, options: BiLMOptions,
+                     settings: tuple[float, float, float], long_token_rows: int | None = None):
+    """The reference for ``train_step``'s row-sparse softmax: every param differentiated, the (V, P) softmax
+    included, then optax's own clip and Adagrad over all of it (the update before the row-sparse one).
+
+    The same numbers as ``train_step`` (tests/test_train.py), at a cost that grows with the vocabulary
+    (benchmarks/bench_train.py --dense). settings: (learning rate, initial accumulator, clip norm).
+    Returns the new state and {"loss", "grad_norm"}.
+    """
+    learning_rate, accumulator, clip = settings
+    optimizer = optax.chain(optax.clip_by_global_norm(clip),
+                            optax.adagrad(learning_rate, initial_accumulator_value=accumulator, eps=0.0))
+    key = jax.random.fold_in(state.key, state.step)
+
+    def objective(params):
+        loss, (_, lstm_state) = train_loss(params, options, batch, state.lstm_state, key=key,
+                                           vocab_char_ids=vocab_char_ids, long_token_rows=long_token_rows)
+        return loss * options.training.unroll_steps, (loss, lstm_state)
+
+    grads, (loss, lstm_state) = jax.grad(objective, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                               step=state.step + 1, lstm_state=lstm_state, data_position=state.data_position + 1)
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
 def train_step(state: TrainState, batch: dict, vocab_char_ids: jax.Array | None, *, options: BiLMOptions,
                optimizer: optax.GradientTransformation, long_token_rows: int | None = None,
-               compute_dtype=jnp.float32) -> tuple[TrainState, dict]:
+               compute_dtype=jnp.float32, axis_name=None) -> tuple[TrainState, dict]:
     """One window: sampled-softmax loss, gradients, clip, Adagrad; carries the LSTM state.
+
+    The softmax's cost does not grow with the vocabulary: only the rows the step touches (its targets and
+    negatives, at most directions * (batch * unroll_steps + n_negative_samples_batch)) are gathered,
+    differentiated (a RowSparse gradient; under data parallelism, the all-reduce carries those rows only),
+    clipped with the rest and updated with their Adagrad accumulator rows. Same numbers as the dense update.
 
     Args:
       batch: arrays of (batch, unroll_steps[, max_chars]) (see data.LMDataset.batches).
       vocab_char_ids: (n_tokens_vocab, max_chars) when the softmax is tied to the token embeddings, else None.
+      optimizer: make_optimizer's (its updates may be RowSparse).
       long_token_rows: None, or a bound on the batch's long tokens (see ``long_token_bound``).
       compute_dtype: the LMs and the softmax logits run in it (a float32 copy of the params is what is
         updated, so small updates are not rounded away); the loss is reduced in float32.
+      axis_name: None under jit (over a mesh or not). Inside a user's ``jax.pmap`` or ``jax.shard_map`` that
+        splits the batch over devices, that axis's name: ``batch`` and ``state.lstm_state`` are then this
+        device's rows (``long_token_rows`` bounds its tokens), the rest of the state is replicated. The step is
+        then the jit step over the whole batch, within float rounding:
+        - the softmax candidates are the whole batch's on every device (its targets all-gathered, the negatives
+          drawn from the shared key), so the RowSparse softmax gradient has the same ids everywhere;
+        - the dropout masks are this device's rows of the whole batch's (``loss.batch_dropout``);
+        - gradients (dense, and the softmax rows) and metrics are averaged with ``lax.pmean``: every device has
+          as many tokens (windows are full), so the mean of the devices' mean losses is the whole batch's.
+        Every device applies the same update, so params and optimiser state stay replicated.
     Returns:
       the new state and metrics {"loss", "forward_loss", ["backward_loss"], "grad_norm"} (scalars).
     """
     key = jax.random.fold_in(state.key, state.step)
+    if axis_name is None:
+        candidates = softmax_candidates(options, batch, key)
+    else:
+        candidates = _whole_batch_candidates(options, batch, key, axis_name)
+    dense = {name: value for name, value in state.params.items() if name != "softmax"}
+    rows = gather_softmax(state.params["softmax"], candidates.ids)  # {"W": (n, P), "b": (n,)}
+    if axis_name is not None:
+        dense, rows = varying_like((dense, rows), batch["next_token_id"])  # each device its own gradient
 
-    def objective(params):
-        loss, (losses, lstm_state) = train_loss(_cast(params, compute_dtype), options, batch,
-                                                _cast(state.lstm_state, compute_dtype), key=key,
-                                                vocab_char_ids=vocab_char_ids, long_token_rows=long_token_rows)
+    def objective(dense, rows):
+        params = _cast({**dense, "softmax": rows}, compute_dtype)
+        loss, (losses, lstm_state) = train_loss(params, options, batch, _cast(state.lstm_state, compute_dtype),
+                                                key=key, vocab_char_ids=vocab_char_ids,
+                                                long_token_rows=long_token_rows, candidates=candidates,
+                                                axis_name=axis_name)
         # bilm-tf differentiates loss * unroll_steps (a per-sequence rather than per-token scale).
         return loss * options.training.unroll_steps, (loss, (losses, _cast(lstm_state, jnp.float32)))
 
-    grads, (loss, (losses, lstm_state)) = jax.grad(objective, has_aux=True)(state.params)
+    (grads, row_grads), (loss, (losses, lstm_state)) = jax.grad(objective, argnums=(0, 1), has_aux=True)(dense, rows)
+    if axis_name is not None:  # this device's rows' gradients and losses -> the whole batch's
+        grads, row_grads, loss, losses = jax.lax.pmean((grads, row_grads, loss, losses), axis_name)
+    grads["softmax"] = {name: RowSparse(candidates.ids, g) for name, g in row_grads.items()}
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **{f"{d}_loss": v for d, v in losses.items()}, "grad_norm": optax.tree.norm(grads)}
+    params = apply_updates(state.params, updates)
+    metrics = {"loss": loss, **{f"{d}_loss": v for d, v in losses.items()}, "grad_norm": global_norm(grads)}
     new_state = TrainState(params, opt_state, state.step + 1, lstm_state, state.data_position + 1, state.key)
     return new_state, metrics
 
 
-@functools.lru_cache(maxsize=16)
+def _whole_batch_candidates(options: BiLMOptions, batch: dict, key: jax.Array, axis_name):
+    """softmax_candidates (a loss.Candidates) of the whole batch, whose rows are split over ``axis_name``, with
+    this device's labels.
+
+    Every device gets the same ids, negatives and slots as the jit step over the whole batch; labels and
+    label_slots are this device's rows of them (rows in axis_index order, as the mesh orders them).
+    """
+    names = [name for name in ("next_token_id", "next_token_id_reverse") if name in batch]
+    whole = softmax_candidates(options, {name: _whole_batch(batch[name], axis_name) for name in names}, key)
+    n = batch["next_token_id"].size  # this device's tokens per direction
+    start = jax.lax.axis_index(axis_name) * n
+    mine = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=n, axis=1)
+    return whole._replace(labels=mine(whole.labels), label_slots=mine(whole.label_slots))
+
+
+def _whole_batch(x: jax.Array, axis_name) -> jax.Array:
+    """This device's rows (rows, ...) -> the whole batch's (devices * rows, ...), the same on every device.
+
+    A psum of each device's rows put in place (an all-gather that shard_map knows to be replicated, so the
+    softmax ids it yields may update replicated params); exact for the integer ids it carries.
+    """
+    rows = x.shape[0]
+    whole = jnp.zeros((rows * jax.lax.psum(1, axis_name), *x.shape[1:]), x.dtype)
+    return jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(whole, x, jax.lax.axis_index(axis_name) * rows, 0),
+                        axis_name)
+
+
 def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh, compute_dtype: str = "float32"):
     """init(key, bilm_params | None) -> TrainState placed on the mesh, and
     step(state, batch, vocab_char_ids, long_token_rows=None), the jitted train step (one compiled program per
@@ -198,19 +382,96 @@ def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh, compu
     return init, step
 
 
-def long_token_bound(batch: dict[str, np.ndarray]) -> int | None:
-    """The bound on long tokens that the train step of this host batch (numpy) may use, or None for none.
+BOUNDS_AHEAD = 16  # batches whose long-token bounds the hosts agree on in one all-gather (BoundedBatches)
 
-    1/16 of the batch's tokens (both streams, at least 8) when the batch has no more long tokens than
+
+def long_token_bounds(batches: list[dict[str, np.ndarray]]) -> list[int | None]:
+    """The bound on long tokens that the train step of each global batch may use, or None for none.
+
+    1/16 of the global batch's tokens (both streams, at least 8) when it has no more long tokens than
     that (almost always in running text), so the char CNN convolves the short ones over their first
-    positions only (``char_cnn.char_cnn``); None otherwise, and always with several processes, whose
-    hosts see different rows but must run the same program.
+    positions only (``char_cnn.char_cnn``); None otherwise. Each of ``batches`` is this process's rows
+    (numpy): with several processes each counts its own rows and all take the sums, in one small all-gather
+    for all the batches given, so every host compiles and runs the same programs.
     """
-    if jax.process_count() > 1:
-        return None
-    streams = [batch[name] for name in ("char_ids", "char_ids_reverse") if name in batch]
-    bound = max(8, sum(ids.size // ids.shape[-1] for ids in streams) // 16)
-    return bound if sum(int(long_tokens(ids).sum()) for ids in streams) <= bound else None
+    counts = np.zeros((len(batches), 2), np.int32)  # (batches, (tokens, long tokens))
+    for i, batch in enumerate(batches):
+        streams = [batch[name] for name in ("char_ids", "char_ids_reverse") if name in batch]
+        counts[i] = (sum(ids.size // ids.shape[-1] for ids in streams),
+                     sum(int(long_tokens(ids).sum()) for ids in streams))
+    if jax.process_count() > 1 and len(batches):
+        from jax.experimental import multihost_utils
+
+        counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)  # (processes, batches, 2)
+    bounds = [max(8, int(tokens) // 16) for tokens, _ in counts]
+    return [bound if int(long) <= bound else None for bound, (_, long) in zip(bounds, counts)]
+
+
+def long_token_bound(batch: dict[str, np.ndarray]) -> int | None:
+    """``long_token_bounds`` of one batch (one all-gather of its own with several processes)."""
+    return long_token_bounds([batch])[0]
+
+
+class BoundedBatches:
+    """A ``Batches`` read ``ahead`` batches at a time, each with its ``long_token_bounds`` bound: with several
+    processes one all-gather serves ``ahead`` steps instead of one (a host collective a step stalls dispatch).
+
+    Yields (batch, bound). ``position`` and ``get_state()`` are those of the last batch yielded, as if
+    nothing were read ahead, so a checkpoint's cursor continues exactly.
+    """
+
+    def __init__(self, batches: Batches, ahead: int | None = None):
+        self.batches, self.ahead = batches, ahead or BOUNDS_AHEAD
+        self.pending: list[tuple[dict, int | None, dict]] = []  # (batch, bound, cursor after it), oldest first
+        self.position, self._state = batches.position, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[dict[str, np.ndarray], int | None]:
+        if not self.pending:
+            read = []
+            for batch in itertools.islice(self.batches, self.ahead):  # every host reads the same count
+                read.append((batch, self.batches.get_state()))
+            if not read:
+                raise StopIteration
+            bounds = long_token_bounds([batch for batch, _ in read])
+            self.pending = [(batch, bound, state) for (batch, state), bound in zip(read, bounds)]
+        batch, bound, self._state = self.pending.pop(0)
+        self.position += 1
+        return batch, bound
+
+    def get_state(self) -> dict:
+        return self.batches.get_state() if self._state is None else self._state
+
+
+def host_rows(sharding: jax.sharding.Sharding, batch_size: int) -> list[int]:
+    """The global batch rows (sorted) that this process's devices hold under ``sharding``, from its index map."""
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+        rows.update(range(*index[0].indices(batch_size)))
+    return sorted(rows)
+
+
+def place_rows(batch: dict[str, np.ndarray], rows: list[int], sharding: jax.sharding.Sharding,
+               batch_size: int) -> dict[str, jax.Array]:
+    """This process's rows of a global batch -> global arrays, each device given the rows its index map names.
+
+    Args:
+      batch: arrays of (len(rows), ...) numpy; row i is global row rows[i] (``host_rows(sharding, batch_size)``).
+    Returns:
+      the same names, (batch_size, ...) jax.Arrays with ``sharding`` (split along the first axis).
+    """
+    local = {row: i for i, row in enumerate(rows)}
+
+    def place(value: np.ndarray) -> jax.Array:
+        def rows_of(index: tuple[slice, ...]) -> np.ndarray:  # one device's slices of the global array
+            start, stop, _ = index[0].indices(batch_size)
+            return value[(slice(local[start], local[start] + stop - start), *index[1:])]
+
+        return jax.make_array_from_callback((batch_size, *value.shape[1:]), sharding, rows_of)
+
+    return {name: place(value) for name, value in batch.items()}
 
 
 @functools.lru_cache(maxsize=16)
@@ -269,18 +530,20 @@ def _prepare_run_dir(run_dir: str) -> str:
 
 class Trainer:
     """A training run in ``run_dir``: ``Trainer(config, run_dir).train()``; ``resume=True`` continues the latest
-    checkpoint exactly (params, optimiser, LSTM carry, data position, key, step).
+    checkpoint exactly (params, optimiser, LSTM carry, data cursor, key, step), or, when the run stopped before
+    its first checkpoint, starts it from its beginning and says so in one line.
 
     new_data: with resume, the config's train_prefix is new data (bilm-tf's restart.py with another
     --train_prefix): params, optimiser, step and key continue, the new shards are read from their start and the
     carried LSTM state starts at zero, as the rows now hold other sentences.
 
     devices: the devices of the data mesh (default all); the global batch_size must divide evenly over them.
-    log_stream: where the one-line log of each log step goes (default stdout); metrics.jsonl gets them too.
+    log_stream: where the one-line log of each log step goes (default: sys.stdout when it is written);
+      metrics.jsonl gets them too.
     """
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-                 new_data: bool = False, devices: list | None = None, log_stream=sys.stdout):
+                 new_data: bool = False, devices: list | None = None, log_stream=None):
         import orbax.checkpoint as ocp
 
         if new_data and not resume:
@@ -296,10 +559,11 @@ class Trainer:
         replicated, self.by_batch = replicated_sharding(self.mesh), batch_sharding(self.mesh)
         # ---- data
         self.vocab = load_vocabulary(config.vocab_file, t.n_tokens_vocab)
-        local = t.batch_size // jax.process_count()  # this host's rows of the global batch
+        self.rows = host_rows(self.by_batch, t.batch_size)  # this host's rows of the global batch
         self.dataset = LMDataset(config.train_prefix, self.vocab, t.batch_size, t.unroll_steps, seed=config.seed,
-                                 max_chars=options.char_cnn.max_characters_per_token,
-                                 rows=(jax.process_index() * local, (jax.process_index() + 1) * local))
+                                 max_chars=options.char_cnn.max_characters_per_token, rows=self.rows)
+        self._batches: BoundedBatches | None = None  # the batch iterator, at the state's data position between steps
+        self.data_cursor: dict | None = None  # a restored cursor (Batches.get_state()) of the data stream
         self.vocab_char_ids = None
         if t.share_embedding_softmax:
             self.vocab_char_ids = jax.device_put(self.vocab.char_ids(options.char_cnn.max_characters_per_token),
@@ -321,29 +585,44 @@ class Trainer:
             os.path.join(self.run_dir, "checkpoints"),
             options=ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=True))
         latest = self.manager.latest_step()
+        if resume and latest is None:  # killed before its first checkpoint: nothing is lost by starting over
+            self._say(f"{self.run_dir}: no checkpoint to resume yet; starting the run from its beginning")
+            resume = new_data = False
         if resume:
-            if latest is None:
-                raise TrainError(f"{self.run_dir}: nothing to resume, no checkpoint in {self.run_dir}/checkpoints")
             fresh = self.state  # as init made it: data position 0, zero LSTM state, placed on the mesh
             self.state = self.manager.restore(latest, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(fresh)))["state"]
             if new_data:
                 self.state = self.state._replace(data_position=fresh.data_position, lstm_state=fresh.lstm_state)
+            else:
+                self.data_cursor = self._restore_cursor(latest)
         elif latest is not None:
             raise TrainError(f"{self.run_dir}: holds checkpoints up to step {latest}; pass --resume to continue "
                              f"it or choose a new run directory")
         _write_json(os.path.join(self.run_dir, "config.json"), config.to_dict())
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows of the global batch (numpy) -> global arrays sharded by rows."""
-        n = jax.process_count()
-        return {name: jax.make_array_from_process_local_data(self.by_batch, value, (value.shape[0] * n,
-                                                                                    *value.shape[1:]))
-                for name, value in batch.items()}
 
-    def step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """One train step on this process's rows of a batch (numpy); updates self.state, returns the metrics."""
+    def _restore_cursor(self, step: int) -> dict | None:
+        """The data cursor saved with checkpoint ``step``; None for a checkpoint written before cursors existed."""
+        import orbax.checkpoint as ocp
+
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        except KeyError:  # orbax: 'Item "data" was not found in the checkpoint'
+            return None
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows of the global batch (numpy; row i is global row self.rows[i]) -> global arrays
+        sharded by rows (``place_rows``)."""
+        return place_rows(batch, self.rows, self.by_batch, self.options.training.batch_size)
+
+    def step(self, batch: dict[str, np.ndarray], long_token_rows: int | None | str = "count") -> dict[str, jax.Array]:
+        """One train step on this process's rows of a batch (numpy); updates self.state, returns the metrics.
+
+        long_token_rows: the batch's ``long_token_bounds`` if known (``BoundedBatches``), else counted here."""
+        if long_token_rows == "count":
+            long_token_rows = long_token_bound(batch)
         self.state, metrics = self._step(self.state, self.put_batch(batch), self.vocab_char_ids,
-                                         long_token_rows=long_token_bound(batch))
+                                         long_token_rows=long_token_rows)
         return metrics
 
     def train(self, steps: int | None = None) -> list[dict[str, float]]:
@@ -354,10 +633,10 @@ class Trainer:
         config, t = self.config, self.options.training
         start = int(jax.device_get(self.state.step))
         end = start + steps if steps is not None else config.total_steps()
-        batches = self.dataset.batches(start=int(jax.device_get(self.state.data_position)))
+        batches = self._data_stream()
         history, tick, last = [], time.perf_counter(), start
         for step in range(start, end):
-            metrics = self.step(next(batches))
+            metrics = self.step(*next(batches))
             done = step + 1
             if done % config.log_every == 0 or done == end:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -380,15 +659,46 @@ class Trainer:
         step = int(jax.device_get(self.state.step))
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
-                                                        config=ocp.args.JsonSave(self.config.to_dict())))
+        items = {"state": ocp.args.StandardSave(self.state), "config": ocp.args.JsonSave(self.config.to_dict())}
+        cursor = self._cursor()
+        if cursor is not None:
+            items["data"] = ocp.args.JsonSave(cursor)
+        self.manager.save(step, args=ocp.args.Composite(**items))
         self.manager.wait_until_finished()
+
+    def _cursor(self) -> dict | None:
+        """The data stream's cursor at the state's data position, or None when it is not known (batches fed by hand)."""
+        position = int(jax.device_get(self.state.data_position))
+        if self._batches is not None and self._batches.position == position:
+            return self._batches.get_state()
+        if self.data_cursor is not None and self.data_cursor.get("position") == position:
+            return self.data_cursor
+        return self.dataset.batches().get_state() if position == 0 else None
+
+    def _data_stream(self) -> BoundedBatches:
+        """The batches from the state's data position: the iterator the last train() left there, else one from the
+        data cursor (no replay), else one that replays the stream up to it (an old checkpoint's, or fed by hand)."""
+        position = int(jax.device_get(self.state.data_position))
+        if self._batches is not None and self._batches.position == position:
+            return self._batches
+        cursor = self._cursor()
+        if cursor is not None:
+            self._batches = BoundedBatches(self.dataset.batches(state=cursor))
+        else:
+            self._say(f"{self.run_dir}: no data cursor at data position {position} (a checkpoint written before "
+                      f"checkpoints held one): replaying the stream's first {position} batches to reach it")
+            self._batches = BoundedBatches(self.dataset.batches(start=position))
+        return self._batches
+
+    def _say(self, line: str) -> None:
+        if jax.process_index() == 0:
+            print(line, file=self.log_stream or sys.stdout, flush=True)
 
     def _log(self, values: dict[str, float]) -> None:
         if jax.process_index() != 0:
             return
         print(f"step {values['step']}  loss {values['loss']:.4f}  perplexity {values['perplexity']:.2f}  "
-              f"tokens/s {values['tokens_per_s']:.0f}", file=self.log_stream, flush=True)
+              f"tokens/s {values['tokens_per_s']:.0f}", file=self.log_stream or sys.stdout, flush=True)
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(values) + "\n")
 
