@@ -21,6 +21,12 @@ reported, the char CNN + highway once per distinct token. On a GPU, ``--dtype bo
 bfloat16 in one command, each against the matmul peak measured in its own dtype:
 
     python benchmarks/bench_embed.py --size 2x4096_512_2048cnn_2xhighway --max-sentences 20000 --dtype both
+
+ELMoForManyLangs at its published size (the package's cnn_50_100_512_4096_sample.json: word_dim 100, char_dim
+50, 2048 filters, 2 highway, 2x4096_512), random weights written by the original package's own code
+(../shared/bench/make_efml_model.py, ~2 min the first time), against the original ``sents2elmo`` at batch 64:
+
+    python benchmarks/bench_embed.py --size efml --max-sentences 200 --compare-efml
 """
 
 from __future__ import annotations
@@ -41,14 +47,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elmo_jax import BiLMOptions
+from elmo_jax import BiLM, BiLMOptions
 from elmo_jax.embed import Embedder
 from elmo_jax.pretrained import default_model_files
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_BENCH = pathlib.Path(os.environ.get("ELMO_JAX_BENCH", ROOT.parent / "shared" / "bench"))
 SIZES = ["builtin", "2x4096_512_2048cnn_2xhighway", "2x2048_256_2048cnn_1xhighway", "2x1024_128_2048cnn_1xhighway",
-         "small"]
+         "small", "efml"]
 
 
 def matmul_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 10) -> float:
@@ -69,7 +75,7 @@ def token_layer_flops(options: BiLMOptions) -> float:
     c = options.char_cnn
     cnn = sum(2 * (c.max_characters_per_token - w + 1) * w * c.char_embedding_dim * n for w, n in c.filters)
     highway = c.n_highway * 2 * (2 * c.n_filters * c.n_filters)
-    return cnn + highway + 2 * c.n_filters * options.lstm.projection_dim
+    return cnn + highway + 2 * (options.tokens.word_dim + c.n_filters) * options.lstm.projection_dim
 
 
 def lstm_flops(options: BiLMOptions) -> float:
@@ -78,10 +84,18 @@ def lstm_flops(options: BiLMOptions) -> float:
     return 2 * lstm.n_layers * (2 * (2 * lstm.projection_dim) * 4 * lstm.dim + 2 * lstm.dim * lstm.projection_dim)
 
 
-def model_files(size: str, directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    """(options.json, weights.hdf5) of the built-in model or of random weights at a published size."""
+def model_files(size: str, directory: pathlib.Path, args) -> tuple[pathlib.Path, ...]:
+    """(options.json, weights.hdf5) of the built-in model or of random weights at a published size; (model
+    directory,) for ELMoForManyLangs."""
     if size == "builtin":
         return tuple(map(pathlib.Path, default_model_files()))
+    if size == "efml":
+        target = directory / "efml-full"
+        if not (target / "encoder.pkl").exists():
+            subprocess.run([args.efml_python, str(SHARED_BENCH / "make_efml_model.py"), "--config", "full", "--seed",
+                            "12", "--text", str(SHARED_BENCH / "sentences.txt"), "--out", str(target)],
+                           check=True, stdout=sys.stderr)
+        return (target,)
     target = directory / size
     if not (target / "weights.hdf5").exists():
         subprocess.run([sys.executable, str(SHARED_BENCH / "make_weights.py"), "--size", size, "--out", str(target)],
@@ -90,10 +104,11 @@ def model_files(size: str, directory: pathlib.Path) -> tuple[pathlib.Path, pathl
 
 
 def run_peer(script: str, python: str, files, sentences: str, args, out: str) -> dict:
-    """Run a peer harness of ../shared/bench (ref_allennlp.py or ref_tf.py): warm, model-only passes."""
-    command = [python, str(SHARED_BENCH / script), "--options", str(files[0]), "--weights", str(files[1]),
-               "--sentences", sentences, "--batch-size", str(args.peer_batch_size), "--threads",
-               str(os.cpu_count()), "--repeats", str(args.repeats), "--out", out]
+    """Run a peer harness of ../shared/bench (ref_allennlp.py, ref_tf.py, ref_efml.py): warm, timed passes."""
+    model = ["--model", str(files[0])] if len(files) == 1 else ["--options", str(files[0]), "--weights", str(files[1])]
+    command = [python, str(SHARED_BENCH / script), *model, "--sentences", sentences, "--batch-size",
+               str(args.peer_batch_size), "--threads", str(os.cpu_count()), "--repeats", str(args.repeats),
+               "--out", out]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -102,6 +117,7 @@ def compare_peers(args, files, sentence_file: str, read_ours) -> dict:
     """Each requested peer's tokens/s and its max abs difference from ours (read_ours(i) -> array i)."""
     peers = [("allennlp", "ref_allennlp.py", args.allennlp_python)] if args.compare_allennlp else []
     peers += [("tf", "ref_tf.py", args.tf_python)] if args.compare_tf else []
+    peers += [("efml", "ref_efml.py", args.efml_python)] if args.compare_efml else []
     out = {}
     for name, script, python in peers:
         with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +172,8 @@ def whole_process_benchmark(args, files, sentences, sentence_file) -> dict:
         command = [sys.executable, "-m", "elmo_jax.cli", "embed", sentence_file, out, "--quiet",
                    "--layout", args.layout, "--output-dtype", args.output_dtype, "--dtype", args.dtype]
         if args.size != "builtin":
-            command += ["--options", str(files[0]), "--weights", str(files[1])]
+            command += ["--model", str(files[0])] if len(files) == 1 else ["--options", str(files[0]), "--weights",
+                                                                           str(files[1])]
         if args.lanes:
             command += ["--batch-size", str(args.lanes)]
         start = time.perf_counter()
@@ -165,7 +182,7 @@ def whole_process_benchmark(args, files, sentences, sentence_file) -> dict:
         summary = done.stdout.strip().splitlines()[-1]
         compilations = int(re.search(r"\((\d+) compilations\)", summary).group(1))
         n_tokens = sum(map(len, sentences))
-        options = BiLMOptions.from_path(files[0])
+        options = BiLM.from_pretrained(files[0]).options if len(files) == 1 else BiLMOptions.from_path(files[0])
         result = {
             "what": "elmo-jax embed, whole process", "size": args.size, "device": jax.devices()[0].device_kind,
             "layout": args.layout, "output_dtype": args.output_dtype, "sentences": len(sentences),
@@ -176,7 +193,7 @@ def whole_process_benchmark(args, files, sentences, sentence_file) -> dict:
             "bilstm_fraction_of_peak": round(lstm_flops(options) * (n_tokens + 2 * len(sentences)) / seconds / peak, 3),
             "matmul_peak_gflops": round(peak / 1e9, 1),
         }
-        if args.compare_allennlp or args.compare_tf:
+        if args.compare_allennlp or args.compare_tf or args.compare_efml:
             from elmo_jax.embed_output import open_embeddings
 
             with open_embeddings(out) as ours:
@@ -243,9 +260,15 @@ def main() -> None:
     parser.add_argument("--compare-tf", action="store_true", help="also run bilm-tf's graph (ref_tf.py)")
     parser.add_argument("--tf-python", default="/tmp/elmo-bench-tf-venv/bin/python",
                         help="python of the venv made by ../shared/bench/setup.sh --tf")
+    parser.add_argument("--compare-efml", action="store_true",
+                        help="also run the original ELMoForManyLangs (ref_efml.py; needs --size efml)")
+    parser.add_argument("--efml-python", default="/tmp/elmo-bench-efml-venv/bin/python",
+                        help="python of the venv made by ../shared/bench/setup.sh --efml")
     args = parser.parse_args()
+    if (args.size == "efml") != args.compare_efml and (args.compare_efml or args.compare_allennlp or args.compare_tf):
+        parser.error("--compare-efml goes with --size efml, and --compare-allennlp/--compare-tf with the others")
 
-    files = model_files(args.size, pathlib.Path(args.weights_dir))
+    files = model_files(args.size, pathlib.Path(args.weights_dir), args)
     with open(args.sentences, encoding="utf-8") as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
     lines = (lines * (-(-args.max_sentences // len(lines))))[: args.max_sentences]
@@ -257,7 +280,7 @@ def main() -> None:
         run = host_benchmark if args.host_only else whole_process_benchmark if args.whole_process else model_benchmark
         for dtype in ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]:
             result = run(argparse.Namespace(**{**vars(args), "dtype": dtype}), files, sentences, sentence_file)
-            for name in ("allennlp", "tf"):
+            for name in ("allennlp", "tf", "efml"):
                 if f"{name}_tokens_per_s" in result:
                     result[f"speedup_vs_{name}"] = round(result["tokens_per_s"] / result[f"{name}_tokens_per_s"], 2)
             print(json.dumps(result), flush=True)

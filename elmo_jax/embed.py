@@ -6,9 +6,11 @@ How a stream of sentences is embedded (packed lanes, as continuous batching in L
    sizes) and packs the sentences into lanes (``lanes.py``): each lane is a stream of sentences back to
    back, longest first into the lane that frees up first.
 2. The biLSTM runs the lanes in blocks of ``block_steps`` steps, one compiled program per (lanes, steps,
-   mode) whatever the corpus. A reset flag beside the mask zeroes a lane's state where a sentence starts,
-   so every sentence is computed exactly as if alone from zero state (stateless). The backward LM reads
-   each sentence reversed within its slot. State, gathers and outputs stay inside the jitted block.
+   mode) whatever the corpus. A block in which few lanes are busy (a short input, the end of any input) runs
+   only those, in the fewest of ``lanes.lane_subsets`` (a few more programs). A reset flag beside the mask
+   zeroes a lane's state where a sentence starts, so every sentence is computed exactly as if alone from
+   zero state (stateless). The backward LM reads each sentence reversed within its slot. State, gathers and
+   outputs stay inside the jitted block.
 3. Each block writes its outputs into a device ring of recent steps; a gather program reads finished
    sentences from it, whole and in input order (each token's backward half from its reversed slot), into one
    (tokens, [layers,] dim) array in the output dtype. Blocks and gathers are dispatched asynchronously; the
@@ -29,12 +31,13 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 import numpy as np
 
 from . import char_cnn
-from .bilm import COMPUTE_DTYPES, BiLM, bilstm, initial_state, stacked_lstm_params, token_embedding
-from .characters import TokenError, token_to_char_ids
-from .lanes import GatherPlan, Slots, Timeline, TokenTable, choose_lanes, flat_token_ids
+from .bilm import COMPUTE_DTYPES, BiLM, bilstm, initial_state, split_token_ids, stacked_lstm_params, token_embedding
+from .characters import TokenError
+from .lanes import GatherPlan, Slots, Timeline, TokenTable, choose_lanes, flat_token_ids, lane_subsets
 from .options import BiLMOptions
 from .sharding import by_batch, data_mesh, replicated, round_up
 
@@ -46,7 +49,10 @@ TABLE_BYTES = 64 << 20  # token table on the device (rows of projection_dim), at
 TABLE_MIN_ROWS = 8192
 INSERT_SIZES = {"short": (64, 256, 1024), "long": (16, 128)}  # new tokens per char-CNN call
 WINDOW_PER_LANE = 2  # sentences read and packed at a time, per lane
-LOOK_AHEAD_PER_LANE = 8  # sentences read first: an input shorter than this gets the lanes it fills (choose_lanes)
+LOOK_AHEAD_PER_LANE = 8  # sentences read first: an input shorter than this is packed at once (choose_lanes)
+STEP_OVERHEAD_LANES = {"cpu": 32}  # a step's fixed cost in lanes (choose_lanes); elsewhere all lanes (not measured)
+FUSE_MIN_LANES = 32  # on a CPU, fewer lanes per device run faster unfused when the kernel outgrows the cache:
+FUSE_ALWAYS_BYTES = 16 << 20  # 2x4096 (64 MB a kernel) at 16 lanes 0.43 vs 0.35 of peak; the built-in (1 MB) never
 RING_STEPS = 256  # steps of each lane's outputs kept on the device (doubled when a long sentence needs it)
 IN_FLIGHT = 2  # gathers dispatched ahead of the one being copied back
 
@@ -86,7 +92,8 @@ def insert_tokens(params: dict, options: BiLMOptions, table: jax.Array, rows: ja
 
     Args:
       table: (capacity, projection_dim); rows: (tokens,) int32, a row >= capacity is a padding entry (dropped);
-      char_ids: (tokens, chars) with chars = max_characters_per_token, or ``short_token_chars`` for short tokens.
+      char_ids: (tokens, width) token ids (``bilm.token_embedding``), the char ids all max_characters_per_token
+        or a short token's first ``short_token_chars``.
     """
     vectors = token_embedding(params, options, char_ids).astype(table.dtype)
     return table.at[rows].set(vectors, mode="drop")
@@ -94,13 +101,13 @@ def insert_tokens(params: dict, options: BiLMOptions, table: jax.Array, rows: ja
 
 def embed_block(params: dict, options: BiLMOptions, table: jax.Array, state, forward: jax.Array,
                 backward: jax.Array, reset: jax.Array, mask: jax.Array, mode: str = "all",
-                weights: jax.Array | None = None):
+                weights: jax.Array | None = None, fuse_inputs: bool = True):
     """One block of the packed, stateless biLM.
 
     Args:
       table: (capacity, projection_dim) token vectors; forward, backward: (lanes, steps) int32 table rows,
       the backward LM's reversed within each sentence's slot; reset, mask: (lanes, steps) bool; state: BiLMState
-      of (lanes, ...) at the block's first step.
+      of (lanes, ...) at the block's first step; fuse_inputs: see lstm.bidirectional_layer (the same numbers).
     Returns:
       (lanes, steps, layers, 2 * projection_dim) for mode "all", else (lanes, steps, 2 * projection_dim), the
       last axis [forward at step t, backward at step t of the reversed slot]; and the state after the block.
@@ -110,25 +117,35 @@ def embed_block(params: dict, options: BiLMOptions, table: jax.Array, state, for
     layers = [token_layer(forward_x, backward_x, mask)]
     if mode != "token":  # the context-free layer needs no LSTM
         outputs, state = bilstm(params["lstm"], options, forward_x, mask, state, backward_x=backward_x, reset=reset,
-                               fuse_inputs=True)
+                               fuse_inputs=fuse_inputs)
         layers += outputs
     activations = _reduce_layers(jnp.stack(layers), mode, weights)  # ([layers,] lanes, steps, 2 * projection_dim)
     return (jnp.moveaxis(activations, 0, 2) if mode == "all" else activations), state
 
 
 def write_block(params: dict, options: BiLMOptions, table: jax.Array, state, ring: jax.Array, first_step: jax.Array,
-                forward, backward, reset, mask, mode: str = "all", weights: jax.Array | None = None):
+                forward, backward, reset, mask, mode: str = "all", weights: jax.Array | None = None,
+                active: jax.Array | None = None, fuse_inputs: bool = True):
     """``embed_block``, its outputs written into the ring of recent steps.
 
     Args:
       ring: (lanes, ring_steps, [layers,] 2 * projection_dim), ring_steps a multiple of the block's steps;
       first_step: () int32, where the block goes: its first step modulo ring_steps.
+      active: None (forward, backward, reset, mask are (lanes, steps)), or (n,) int32 distinct lanes that
+        alone run (the four arrays are then (n, steps)): the other lanes' state and ring stay as they are.
     Returns:
       the state after the block and the ring.
     """
-    out, state = embed_block(params, options, table, state, forward, backward, reset, mask, mode, weights)
-    start = (0, first_step) + (0,) * (ring.ndim - 2)
-    return state, jax.lax.dynamic_update_slice(ring, out.astype(ring.dtype), start)
+    if active is None:
+        out, state = embed_block(params, options, table, state, forward, backward, reset, mask, mode, weights,
+                                 fuse_inputs)
+        start = (0, first_step) + (0,) * (ring.ndim - 2)
+        return state, jax.lax.dynamic_update_slice(ring, out.astype(ring.dtype), start)
+    mine = jax.tree.map(lambda a: a[active], state)
+    out, mine = embed_block(params, options, table, mine, forward, backward, reset, mask, mode, weights, fuse_inputs)
+    state = jax.tree.map(lambda a, b: a.at[active].set(b), state, mine)
+    steps = first_step + jnp.arange(forward.shape[1])
+    return state, ring.at[active[:, None], steps[None, :]].set(out.astype(ring.dtype))
 
 
 def gather_tokens(ring: jax.Array, forward_at: jax.Array, backward_at: jax.Array) -> jax.Array:
@@ -157,8 +174,10 @@ class Embedder:
     With no options and weights files (and no ``model``), the built-in English model is used.
 
     Args:
-      options_file, weight_file: a biLM in the bilm-tf / AllenNLP layout (both or neither).
-      model: an already loaded BiLM instead of files.
+      options_file, weight_file: a biLM in the bilm-tf / AllenNLP layout (both or neither). A model directory or
+        archive of any family alone (``Embedder(model_dir)``, as ELMoForManyLangs' ``Embedder``) loads with
+        ``BiLM.from_pretrained``.
+      model: an already loaded BiLM, or the path of any published model (``BiLM.from_pretrained``).
       batch_size: lanes, the sentences run side by side (default by device kind: 128 on a CPU, 1024 per
         accelerator); speed and memory only, the numbers do not depend on it. A short input uses fewer.
       dtype: "float32" or "bfloat16" compute (outputs are float32 either way).
@@ -172,6 +191,11 @@ class Embedder:
     def __init__(self, options_file: str | os.PathLike | None = None, weight_file: str | os.PathLike | None = None,
                  *, model: BiLM | None = None, batch_size: int | None = None, dtype: str = "float32", devices=None,
                  vocab: Iterable[str] | None = None, block_steps: int | None = None, stand_in_device: bool = False):
+        if isinstance(model, (str, os.PathLike)):
+            model = BiLM.from_pretrained(model)
+        if model is None and weight_file is None and options_file is not None and (
+                os.path.isdir(options_file) or str(options_file).endswith(".zip")):
+            model = BiLM.from_pretrained(options_file)
         if model is None:
             if (options_file is None) != (weight_file is None):
                 raise ValueError("Embedder needs both options_file and weight_file, or neither (the built-in "
@@ -200,7 +224,7 @@ class Embedder:
         projection_dim = self.options.lstm.projection_dim
         capacity = max(TABLE_BYTES // (projection_dim * np.dtype(self.dtype).itemsize), TABLE_MIN_ROWS,
                        4 * len(pinned) + 4)
-        self._tokens = TokenTable(capacity, pinned)  # the host's map of the device table below
+        self._tokens = TokenTable(capacity, pinned, model.characters.boundary_tokens)  # the device table's map
         self._capacity = capacity
         self._table = self._new_table(capacity)
         self._table_lock = threading.Lock()  # one stream at a time uses (and extends) the shared table
@@ -215,10 +239,27 @@ class Embedder:
         self.compilations += 1
         return jnp.take(table, new_to_old, axis=0)
 
-    def _traced_block(self, params, table, state, ring, first_step, forward, backward, reset, mask, weights, *, mode):
+    def _traced_block(self, params, table, state, ring, first_step, forward, backward, reset, mask, weights, active,
+                      *, mode):
         self.compilations += 1
-        return write_block(params, self.options, table, state, ring, first_step, forward, backward, reset, mask,
-                           mode, weights)
+        # a CPU runs few lanes of a large model faster with the input half of the gates hoisted before the scan
+        lstm = self.options.lstm
+        kernel_bytes = 2 * lstm.projection_dim * 4 * lstm.dim * np.dtype(self.dtype).itemsize
+        fuse = (self.platform != "cpu" or forward.shape[0] // self.n_devices >= FUSE_MIN_LANES
+                or kernel_bytes <= FUSE_ALWAYS_BYTES)
+        if active is None:
+            return write_block(params, self.options, table, state, ring, first_step, forward, backward, reset, mask,
+                               mode, weights, None, fuse)
+
+        def local(params, table, state, ring, first_step, forward, backward, reset, mask, weights, active):
+            # each device runs its own part of the active lanes (Timeline lists them device by device)
+            return write_block(params, self.options, table, state, ring, first_step, forward, backward, reset, mask,
+                               mode, weights, active % ring.shape[0], fuse)
+
+        lanes, same = PartitionSpec("data"), PartitionSpec()
+        in_specs = (same, same, lanes, lanes, same, lanes, lanes, lanes, lanes, same, lanes)
+        return jax.shard_map(local, mesh=self.mesh, in_specs=in_specs, out_specs=(lanes, lanes))(
+            params, table, state, ring, first_step, forward, backward, reset, mask, weights, active)
 
     def _traced_gather(self, ring, forward_at, backward_at):
         self.compilations += 1
@@ -239,16 +280,19 @@ class Embedder:
         if self.stand_in_device or not new:
             return table
         max_chars = self.options.char_cnn.max_characters_per_token
-        char_ids = np.stack([token_to_char_ids(t, max_chars) for t in new])  # (new, max_chars)
+        token_ids = np.stack([self.model.characters.token_ids(t) for t in new])  # (new, token_id_width)
+        chars, words = split_token_ids(self.options, token_ids)
         rows = np.arange(first_row, first_row + len(new), dtype=np.int32)
-        is_long = char_cnn.long_tokens(char_ids) if self.short_chars < max_chars else np.ones(len(new), bool)
+        is_long = char_cnn.long_tokens(chars) if self.short_chars < max_chars else np.ones(len(new), bool)
         for kind, chosen, width in (("short", ~is_long, self.short_chars), ("long", is_long, max_chars)):
-            ids, where = char_ids[chosen, :width], rows[chosen]
+            ids, where = chars[chosen, :width], rows[chosen]
+            if words is not None:  # the word id stays the last column
+                ids = np.concatenate([ids, words[chosen, None]], axis=1)
             sizes = INSERT_SIZES[kind]
             for start in range(0, len(ids), sizes[-1]):
                 count = min(sizes[-1], len(ids) - start)
                 size = next(s for s in sizes if s >= count)
-                chunk_ids = np.zeros((size, width), np.int32)
+                chunk_ids = np.zeros((size, ids.shape[1]), np.int32)
                 chunk_ids[:count] = ids[start : start + count]
                 chunk_rows = np.full(size, table.shape[0], np.int32)  # padding entries are dropped
                 chunk_rows[:count] = where[start : start + count]
@@ -288,6 +332,19 @@ class Embedder:
                 yield (value.mean(axis=-2) if b > a else np.full(value.shape[:-2] + value.shape[-1:], np.nan,
                                                                    value.dtype)) if sentence_vectors else value
 
+    def sents2elmo(self, sentences: Sequence[Sequence[str]], output_layer: int = -1) -> list[np.ndarray]:
+        """ELMoForManyLangs' ``Embedder.sents2elmo``, stateless: a list of float32 arrays in input order.
+
+        output_layer: -1 the average of the layers (n, dim); -2 all layers (layers, n, dim); 0.. one layer.
+        """
+        layers = self.options.n_representation_layers
+        if output_layer not in (-1, -2) and not 0 <= output_layer < layers:
+            raise ValueError(f"output_layer must be -1 (average), -2 (all) or 0..{layers - 1}, found {output_layer}")
+        # one layer: the token layer alone needs no LSTM, the top is a mode, others a one-hot mix (exact)
+        one_hot = [float(k == output_layer) for k in range(layers)]
+        mode = {-1: "average", -2: "all", 0: "token", layers - 1: "top"}.get(output_layer, one_hot)
+        return list(self.embed_sentences(sentences, mode=mode))
+
     def embed_rows(self, sentences: Iterable[Sequence[str]], mode: str | Sequence[float] = "all",
                    batch_size: int | None = None, allow_empty: bool = False, output_dtype: str = "float32",
                    validate: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -304,7 +361,8 @@ class Embedder:
         if shared:
             tokens, device = self._tokens, _DeviceTable(self._table)
         else:  # another stream is running on this Embedder: a private table
-            tokens = TokenTable(self._capacity, self._tokens.tokens[2 : self._tokens.n_pinned])
+            tokens = TokenTable(self._capacity, self._tokens.tokens[2 : self._tokens.n_pinned],
+                                self.model.characters.boundary_tokens)
             device = _DeviceTable(self._fill(self._new_table(self._capacity), 0, tokens.tokens))
         stream = _Stream(self, sentences, lanes, tokens, allow_empty, validate)
         completed = False
@@ -362,8 +420,10 @@ class Embedder:
                             ring = self._relayout(ring, jax.device_put(source, everywhere))
                 if not self.stand_in_device:
                     arrays = jax.device_put((item.forward, item.backward, item.reset, item.mask), by_lane)
+                    active = None if item.active is None else jax.device_put(item.active, by_lane)
                     state, ring = self._block(self.params, device.table, state, ring,
-                                              np.int32(item.first_step % plan.steps), *arrays, weights, mode=mode)
+                                              np.int32(item.first_step % plan.steps), *arrays, weights, active,
+                                              mode=mode)
                 done = end
                 while plan.ready_tokens(done) >= rows and gather(done):
                     pass
@@ -421,10 +481,13 @@ class Embedder:
 
         stats = {"sentences": 0, "tokens": 0, "seconds": 0.0}
         index: dict[str, str] = {}
-        total = count_lines(input_file) if isinstance(input_file, (str, os.PathLike)) and input_file != "-" else None
         first, last = lines if lines is not None else (0, None)
-        if total is not None:
-            total = (total if last is None else min(last, total)) - first
+        if last is not None:  # a share the caller counted (embed --distributed): the file is not read twice
+            total = last - first
+        elif isinstance(input_file, (str, os.PathLike)) and input_file != "-":
+            total = count_lines(input_file) - first
+        else:
+            total = None
 
         def tokenized():
             for number, text in itertools.islice(_read_lines(input_file), first, last):
@@ -520,12 +583,15 @@ class _Stream:
         window_size = WINDOW_PER_LANE * self.lanes
         ahead = list(itertools.islice(stream, LOOK_AHEAD_PER_LANE * self.lanes))
         self._check(ahead, 0)
-        lanes = self.lanes
-        if len(ahead) < LOOK_AHEAD_PER_LANE * self.lanes:  # the whole input is known: lanes that it fills
+        lanes, n_devices = self.lanes, self.embedder.n_devices
+        if len(ahead) < LOOK_AHEAD_PER_LANE * self.lanes:  # the whole input is known: no more lanes than it fills,
             steps = np.fromiter((len(s) + 2 for s in ahead if len(s) > 0), np.int64)
-            lanes = choose_lanes(steps, self.lanes, self.embedder.n_devices, self.embedder.block_steps)
+            lanes = choose_lanes(steps, self.lanes, n_devices, self.embedder.block_steps,
+                                 STEP_OVERHEAD_LANES.get(self.embedder.platform, self.lanes))
+            window_size = max(1, len(ahead))  # and one window, longest first over all of it: the lanes end together
         self._put("lanes", lanes)
-        timeline = Timeline(lanes, self.embedder.block_steps)
+        # blocks where few lanes are busy run only those (a short input, the end of any input)
+        timeline = Timeline(lanes, self.embedder.block_steps, lane_subsets(lanes // n_devices), n_devices)
         start = 0
         window = ahead[:window_size]
         while window:

@@ -17,13 +17,16 @@ def add_embed_parser(subparsers) -> None:
         "distinct line to its last index); --layout packed writes one chunked dataset of all tokens' vectors with "
         "per-line offsets. Shapes use layers = n_layers + 1 and dim = 2 * projection_dim of the model. Stateless: a "
         "sentence's vectors never depend on its neighbours (--batch-size changes them by float rounding at most). "
-        "Without --options and --weights the built-in English model is used. OUTPUT is written under a temporary "
-        "name and renamed when complete; a progress bar goes to stderr (--quiet: none). Bad input (missing or "
-        "corrupt files, a line that is not UTF-8, an empty line unless --empty-lines skip, an unknown --layout, "
+        "Without --model, --options or --weights the built-in English model is used. OUTPUT is written under a "
+        "temporary name and renamed when complete; a progress bar goes to stderr (--quiet: none). Bad input (missing "
+        "or corrupt files, a line that is not UTF-8, an empty line unless --empty-lines skip, an unknown --layout, "
         "--output-dtype or --tokenizer) is a one-line error with exit status 2.",
     )
     parser.add_argument("input", help="input text file (one sentence per line), or - for stdin")
     parser.add_argument("output", help="output HDF5 file (replaced if it exists)")
+    parser.add_argument("--model", help="any published model: a directory with options.json and a .hdf5 (bilm-tf, "
+                                        "AllenNLP), an NLPL .zip or its directory, an ELMoForManyLangs model "
+                                        "directory, or an `elmo-jax convert` checkpoint")
     parser.add_argument("--options", help="options.json of the biLM; give it with --weights, or neither for the "
                                           "built-in English model (default)")
     parser.add_argument("--weights", help="HDF5 weights of the biLM, bilm-tf / AllenNLP layout; give it with "
@@ -99,6 +102,8 @@ def run_embed(args) -> None:
 
     if (args.options is None) != (args.weights is None):
         raise ValueError("--options and --weights go together (leave both out for the built-in English model)")
+    if args.model is not None and args.options is not None:
+        raise ValueError("give the model as --model PATH or as --options and --weights, not both")
     check_output_options(args.layout, args.output_dtype)
     get_tokenizer(args.tokenizer)  # an unknown name or a missing sacremoses fails before any work
     enable_compilation_cache()
@@ -108,10 +113,10 @@ def run_embed(args) -> None:
         embed_distributed(args)
         return
     vocab = Vocabulary.from_file(args.vocab, require_specials=False).words if args.vocab else None
-    embedder = Embedder(args.options, args.weights, batch_size=args.batch_size, dtype=args.dtype, vocab=vocab,
-                        block_steps=args.block_steps)
+    embedder = Embedder(args.options, args.weights, model=args.model, batch_size=args.batch_size, dtype=args.dtype,
+                        vocab=vocab, block_steps=args.block_steps)
     stats = embedder.embed_file(args.input, args.output, mode=args.mode, empty_lines=args.empty_lines,
                                 progress=not args.quiet, tokenizer=args.tokenizer, layout=args.layout,
-                                output_dtype=args.output_dtype, model_name=args.weights or "built-in")
+                                output_dtype=args.output_dtype, model_name=args.model or args.weights or "built-in")
     print(f"wrote {args.output}: {stats['sentences']} sentences, {stats['tokens']} tokens in {stats['seconds']:.1f} s "
           f"({embedder.compilations} compilations)")

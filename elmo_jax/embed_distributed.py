@@ -60,12 +60,12 @@ def embed_distributed(args) -> None:
         with contextlib.suppress(FileExistsError):  # OUT's folder must exist, as for one process
             os.mkdir(os.path.dirname(parts[k]))
         vocab = Vocabulary.from_file(args.vocab, require_specials=False).words if args.vocab else None
-        embedder = Embedder(args.options, args.weights, batch_size=args.batch_size, dtype=args.dtype, vocab=vocab,
-                            block_steps=args.block_steps, devices=jax.local_devices())
+        embedder = Embedder(args.options, args.weights, model=args.model, batch_size=args.batch_size,
+                            dtype=args.dtype, vocab=vocab, block_steps=args.block_steps, devices=jax.local_devices())
         started = time.perf_counter()
         stats = embedder.embed_file(args.input, parts[k], mode=args.mode, empty_lines=args.empty_lines,
                                     progress=not args.quiet and k == 0, tokenizer=args.tokenizer, layout=args.layout,
-                                    output_dtype=args.output_dtype, model_name=args.weights or "built-in",
+                                    output_dtype=args.output_dtype, model_name=args.model or args.weights or "built-in",
                                     lines=(k * total // n, (k + 1) * total // n))
         peers.report(sentences=stats["sentences"], tokens=stats["tokens"], compilations=embedder.compilations)
         if k == 0:

@@ -8,7 +8,8 @@ A padded step (mask False) keeps (h, c) and emits zeros, so a reverse scan start
 backward pass at its own last token. An optional reset flag zeroes (h, c) before its step: packed lanes
 (``embed.py``) run many sentences back to back in one row and reset at each sentence's first step.
 The input half of the gates is computed for all time steps in one matmul before the scan, and the scan
-does only the recurrent half; or, ``fuse_inputs``, each step does both (faster for inference on a CPU).
+does only the recurrent half; or, ``fuse_inputs``, each step does ``[x, h_prev] @ kernel`` as one matmul, as
+TF's LSTMCell does (faster for inference on a CPU with many rows).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from .sharding import varying_like
 
 FORGET_BIAS = 1.0  # TF LSTMCell's default forget_bias; not stored in the weight files.
 
@@ -72,21 +75,21 @@ def lstm_step(params: dict, state: LSTMState, inputs: tuple, *, cell_clip, proj_
 
     inputs = (x_gates (..., batch, 4 * dim), mask (..., batch)) or (x_gates, mask, reset (..., batch)) ->
     (state, h (..., batch, projection_dim)); where reset is True the step starts from zero state. When
-    ``params`` holds "input_kernel" and "bias", inputs[0] is the layer input x (..., batch, in_dim) and the
-    step computes its gates itself (``bidirectional_layer(fuse_inputs=True)``).
+    ``params`` holds the whole "kernel" (..., in_dim + projection_dim, 4 * dim) and "bias", inputs[0] is the
+    layer input x (..., batch, in_dim) and the step computes its gates as ``[x, h_prev] @ kernel + bias``
+    (``bidirectional_layer(fuse_inputs=True)``); otherwise ``params["recurrent_kernel"]`` (..., projection_dim,
+    4 * dim) and the gates are ``x_gates + h_prev @ recurrent_kernel``.
 
-    params["recurrent_kernel"]: (..., projection_dim, 4 * dim); params["projection"]: (..., dim, projection_dim).
-    Leading axes (e.g. two stacked directions) broadcast through.
+    params["projection"]: (..., dim, projection_dim). Leading axes (e.g. two stacked directions) broadcast through.
     """
     x, mask, *reset = inputs
     if reset:
         keep_state = jnp.logical_not(reset[0])[..., None]
         state = LSTMState(h=jnp.where(keep_state, state.h, 0), c=jnp.where(keep_state, state.c, 0))
-    gates = state.h @ params["recurrent_kernel"]
-    if "input_kernel" in params:
-        gates = gates + (x @ params["input_kernel"] + params["bias"][..., None, :])
+    if "kernel" in params:
+        gates = jnp.concatenate([x, state.h], axis=-1) @ params["kernel"] + params["bias"][..., None, :]
     else:
-        gates = gates + x
+        gates = x + state.h @ params["recurrent_kernel"]
     i, j, f, o = jnp.split(gates, 4, axis=-1)
     c = jax.nn.sigmoid(f + FORGET_BIAS) * state.c + jax.nn.sigmoid(i) * jnp.tanh(j)
     if cell_clip is not None:
@@ -120,6 +123,7 @@ def lstm_layer(params: dict, xs: jax.Array, mask: jax.Array, state: LSTMState, *
     x_gates = input_gates(params, xs)  # (batch, time, 4 * dim)
     step = functools.partial(lstm_step, _recurrent_params(params, xs.shape[-1]), cell_clip=cell_clip,
                              proj_clip=proj_clip)
+    state = varying_like(state, xs)  # shard_map: the carry varies by device as the inputs do
     state, ys = jax.lax.scan(step, state, (x_gates.swapaxes(0, 1), mask.T), reverse=reverse)  # time-major only here
     return ys.swapaxes(0, 1), state
 
@@ -150,9 +154,10 @@ def bidirectional_layer(layer: dict, xs: tuple[jax.Array, jax.Array], mask: jax.
       state: (forward LSTMState, backward LSTMState).
       reset: None, or (batch, time) bool: zero both directions' state before these steps (with
         ``backward_aligned``, where the packed lanes of ``embed.py`` start a new sentence).
-      fuse_inputs: compute the input half of the gates inside each step, one matmul per step, instead of
-        for all steps before the scan. The same numbers; on a CPU ~2x faster for inference (the hoisted
-        gates are a (2, batch, time, 4 * dim) buffer written, transposed and read again).
+      fuse_inputs: compute the gates inside each step as ``[x, h_prev] @ kernel``, one matmul per step,
+        instead of the input half for all steps before the scan. The same numbers (to float rounding); on a
+        CPU faster for inference with 64 rows or more (the hoisted gates are a (2, batch, time, 4 * dim)
+        buffer written, transposed and read again), slower with few.
     Returns:
       (forward ys, backward ys), each (batch, time, projection_dim), and (forward state, backward state).
     Same as: lstm_layer(forward, xs[0], ...) and lstm_layer(backward, xs[1], ..., reverse=True).
@@ -160,10 +165,11 @@ def bidirectional_layer(layer: dict, xs: tuple[jax.Array, jax.Array], mask: jax.
     flip = (lambda a: a) if backward_aligned else (lambda a: jnp.flip(a, axis=1))
     inputs = jnp.stack([xs[0], flip(xs[1])])  # (2, batch, time, in_dim)
     masks = jnp.stack([mask, flip(mask)])  # (2, batch, time)
-    state = jax.tree.map(lambda a, b: jnp.stack([a, b]), state[0], state[1])
+    state = varying_like(jax.tree.map(lambda a, b: jnp.stack([a, b]), state[0], state[1]), inputs)
     step_params = _recurrent_params(layer, inputs.shape[-1])
-    if fuse_inputs:
-        step_params.update(input_kernel=_input_kernel(layer, inputs.shape[-1]), bias=layer["bias"])
+    if fuse_inputs:  # the whole kernel, put together once a call, not once a step
+        kernel = jnp.concatenate([_input_kernel(layer, inputs.shape[-1]), step_params.pop("recurrent_kernel")], -2)
+        step_params.update(kernel=kernel, bias=layer["bias"])
         scanned = (jnp.moveaxis(inputs, 2, 0),)  # time-major: (time, 2, batch, in_dim)
     else:
         scanned = (jnp.moveaxis(input_gates(layer, inputs), 2, 0),)  # (time, 2, batch, 4 * dim)

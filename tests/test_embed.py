@@ -9,7 +9,7 @@ from elmo_jax.characters import TokenError
 from elmo_jax.cli import main
 from elmo_jax import embed
 from elmo_jax.embed import Embedder
-from elmo_jax.lanes import GatherPlan, Slots, Timeline, assign_lanes, choose_lanes, slot_rows
+from elmo_jax.lanes import GatherPlan, Slots, Timeline, assign_lanes, choose_lanes, lane_subsets, slot_rows
 from tests import reference
 
 WORDS = "the bank raised its interest rates . I went to river and deposited money in a very long sentence".split()
@@ -41,9 +41,9 @@ def test_compilations_do_not_grow_with_the_corpus(tiny_model):
     small, large = Embedder(model=tiny_model, batch_size=8), Embedder(model=tiny_model, batch_size=8)
     list(small.embed_sentences(_sentences(100, seed=1)))
     list(large.embed_sentences(_sentences(1000, seed=1) + [["w" * 30, "x" * 20]]))  # long tokens too
-    # one block program, token-table inserts in a few bucketed sizes (short and long tokens)
-    assert small.compilations <= large.compilations <= 1 + len(embed.INSERT_SIZES["short"]) + len(
-        embed.INSERT_SIZES["long"])
+    # a block program per lane subset, token-table inserts in a few bucketed sizes (short and long tokens)
+    assert small.compilations <= large.compilations <= len(lane_subsets(8)) + len(
+        embed.INSERT_SIZES["short"]) + len(embed.INSERT_SIZES["long"])
     before = large.compilations
     list(large.embed_sentences(_sentences(300, seed=2)))
     assert large.compilations == before
@@ -200,12 +200,49 @@ def test_lanes_end_together():
         assert start[lane == r][mine][0] == 0 and np.array_equal(start[lane == r][mine][1:], ends[:-1])
 
 
-def test_a_short_input_gets_the_lanes_it_keeps_busy():
-    steps = np.array([190] + [27] * 279)  # one long sentence: 128 lanes would idle two thirds of the run
-    assert choose_lanes(steps, 128, 1, 32) == 32
-    assert choose_lanes(np.array([27] * 5000), 128, 1, 32) == 128
+def test_a_short_input_gets_the_lanes_that_cost_least():
+    assert choose_lanes(np.array([190] + [27] * 279), 128, 1, 32) == 128  # lane subsets run the long one alone
+    many_long = np.array([190] + [110, 100, 97, 93, 90, 90, 87, 84] + [27] * 291)  # 9 run past 128 lanes' end
+    assert choose_lanes(many_long, 128, 1, 32) == 64
+    assert choose_lanes(np.array([22]), 128, 1, 32) == 1  # one sentence: one lane (a small ring and gather)
+    assert choose_lanes(np.array([27] * 10), 128, 1, 32, step_overhead=1024) == 16  # no more than it fills
     assert choose_lanes(np.array([9]), 128, 4, 32) == 4  # a multiple of the device count
-    assert choose_lanes(np.array([], np.int64), 128, 1, 32) == 128
+    assert choose_lanes(np.array([], np.int64), 128, 1, 32) == 1
+
+
+def test_blocks_with_few_busy_lanes_run_only_those():
+    assert lane_subsets(128) == (128, 32, 16, 8, 1) and lane_subsets(8) == (8, 2, 1) and lane_subsets(1) == (1,)
+    timeline = Timeline(lanes=8, block_steps=4, subsets=lane_subsets(8))
+    lengths = np.array([20, 10] + [1] * 12)  # 22 and 12 steps in lanes 0 and 1; 12 of 3 steps in lanes 2-7
+    timeline.place(np.arange(14), lengths, np.arange(42, dtype=np.int32) + 2)
+    blocks = timeline.pop_blocks(final=True)
+    assert [None if b.active is None else b.active.tolist() for b in blocks] == [None, None, [0, 1], [0], [0], [0]]
+    two = Timeline(lanes=8, block_steps=4, subsets=lane_subsets(4), devices=2)  # lanes 0-3 and 4-7
+    two.place(np.arange(14), lengths, np.arange(42, dtype=np.int32) + 2)
+    assert [None if b.active is None else b.active.tolist() for b in two.pop_blocks(final=True)] == [
+        None, None, None, [0, 4], [0, 4], [0, 4]]  # the same count on each device (lanes 0 and 1: 2 of 4 on one)
+    whole = Timeline(lanes=8, block_steps=4)  # the same placement, every block on all lanes
+    whole.place(np.arange(14), lengths, np.arange(42, dtype=np.int32) + 2)
+    for block, full in zip(blocks, whole.pop_blocks(final=True)):
+        lanes = slice(None) if block.active is None else block.active
+        assert not full.mask[np.setdiff1d(np.arange(8), np.arange(8)[lanes])].any()  # nothing busy is left out
+        for name in ("forward", "backward", "reset", "mask"):
+            assert np.array_equal(getattr(block, name), getattr(full, name)[lanes])
+
+
+def test_lane_subsets_keep_the_numbers(tiny_model):
+    """A short input and an input's end: a long sentence runs alone in the one-lane program, others in a few."""
+    sentences = _sentences(30, seed=5) + [list(np.random.default_rng(6).choice(WORDS, size=150))]
+    embedder = Embedder(model=tiny_model, batch_size=16, block_steps=8)  # the 4 test devices: 4 lanes each
+    got = list(embedder.embed_sentences(sentences))
+    for sentence, vectors in zip(sentences, got):
+        want = reference.bilm_sentence(tiny_model.params, tiny_model.options, sentence)[:, 1:-1]
+        np.testing.assert_allclose(vectors, want, atol=1e-5)
+    blocks = embedder._block._cache_size()
+    assert blocks >= 2  # all 16 lanes, then subsets as lanes finish (the last blocks: the long sentence alone)
+    before = embedder.compilations
+    assert [v.shape for v in embedder.embed_sentences(sentences)] == [v.shape for v in got]
+    assert embedder.compilations == before
 
 
 def test_slots_reset_and_reverse_each_sentence():

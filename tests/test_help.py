@@ -14,10 +14,10 @@ from tests.conftest import ROOT
 # Every argument of every subcommand: positionals by name, options by their flag. Changing the command line
 # means changing this table, the help strings and the README's command table together.
 ARGUMENTS = {
-    "embed": ["input", "output", "--options", "--weights", "--all", "--top", "--average", "--token", "--batch-size",
-              "--block-steps", "--dtype", "--output-dtype", "--layout", "--tokenizer", "--empty-lines", "--vocab",
-              "--distributed", "--quiet"],
-    "convert": ["--options", "--weights", "--checkpoint", "--to"],
+    "embed": ["input", "output", "--model", "--options", "--weights", "--all", "--top", "--average", "--token",
+              "--batch-size", "--block-steps", "--dtype", "--output-dtype", "--layout", "--tokenizer", "--empty-lines",
+              "--vocab", "--distributed", "--quiet"],
+    "convert": ["--model", "--options", "--weights", "--checkpoint", "--to"],
     "train": ["--train-prefix", "--vocab", "--options", "--out", "--resume", "--steps", "--init-weights",
               "--devices", "--distributed", "--seed", "--log-every", "--checkpoint-every", "--learning-rate",
               "--dtype"],
