@@ -192,7 +192,11 @@ def host_data_worker(args) -> dict:
     result = {"process": jax.process_index(), "rows": len(rows), "ahead": args.ahead,
               "build_ms": 1e3 * build / args.batches,
               "bound_ms": 1e3 * agree / args.batches, "sentences_encoded": data.stats["sentences_encoded"]}
-    print(json.dumps(result))
+    if args.result:  # a file, not stdout: Gloo prints there from C++ and can split any line
+        with open(args.result, "w") as f:
+            json.dump(result, f)
+    else:
+        print(json.dumps(result))
     return result
 
 
@@ -204,6 +208,7 @@ def _free_port() -> int:
 
 def host_data_main(args) -> dict:
     result = {"bench": "host_data", "batch": args.batch, "unroll": args.unroll, "batches": args.batches}
+    scratch = tempfile.mkdtemp(prefix="bench_host_data_")
     for n, ahead in ((1, 1), (2, 1), (2, args.ahead)):
         port, launched = _free_port(), []
         for index in range(n):
@@ -214,16 +219,18 @@ def host_data_main(args) -> dict:
             launched.append(subprocess.Popen(
                 [sys.executable, __file__, "host-data-worker", "--processes", str(n), "--corpus", args.corpus,
                  "--batch", str(args.batch), "--unroll", str(args.unroll), "--batches", str(args.batches),
-                 "--ahead", str(ahead)],
+                 "--ahead", str(ahead), "--result", os.path.join(scratch, f"{index}.json")],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         workers = []
-        for process in launched:
-            output, err = process.communicate(timeout=1800)
+        for index, process in enumerate(launched):
+            _, err = process.communicate(timeout=1800)
             if process.returncode:
                 raise SystemExit(f"host-data worker failed: {err.strip().splitlines()[-1:]}")
-            workers.append(json.loads(output.strip().splitlines()[-1]))
+            with open(os.path.join(scratch, f"{index}.json")) as f:
+                workers.append(json.load(f))
         name = f"{n}_process" + ("" if ahead == 1 else f"_bounds_{ahead}_ahead")
         result[name] = [{k: round(v, 3) if isinstance(v, float) else v for k, v in w.items()} for w in workers]
+    shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(result))
     return result
 
@@ -246,10 +253,14 @@ def main(argv=None) -> dict:
         p.add_argument("--unroll", type=int, default=20)
         p.add_argument("--batches", type=int, default=400)
         p.add_argument("--processes", type=int, default=1)
-        p.add_argument("--ahead", type=int, default=16,  # trainer.BOUNDS_AHEAD
-                       help="batches whose bounds one all-gather agrees on (the 2-process run's second measurement)")
+        p.add_argument("--ahead", type=int, help="batches whose bounds one all-gather agrees on (the 2-process run's "
+                       "second measurement; default: the trainer's BOUNDS_AHEAD)")
+        p.add_argument("--result", help=argparse.SUPPRESS if name == "host-data" else "write the result here")
         p.set_defaults(func=host_data_main if name == "host-data" else host_data_worker)
     args = parser.parse_args(argv)
+    if getattr(args, "ahead", 0) is None:
+        from elmo_jax.train.trainer import BOUNDS_AHEAD
+        args.ahead = BOUNDS_AHEAD
     return args.func(args)
 
 
