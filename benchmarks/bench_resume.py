@@ -183,9 +183,9 @@ def host_data_worker(args) -> dict:
     batches = data.batches()
     long_token_bounds([next(batches)])  # the first shard's read, the all-gather's compilation
     build = agree = 0.0
-    for _ in range(0, args.batches, args.ahead):  # as the trainer's BoundedBatches: bounds for `ahead` at once
+    for first in range(0, args.batches, args.ahead):  # as the trainer's BoundedBatches: bounds for `ahead` at once
         start = time.perf_counter()
-        read = [next(batches) for _ in range(args.ahead)]
+        read = [next(batches) for _ in range(min(args.ahead, args.batches - first))]
         middle = time.perf_counter()
         long_token_bounds(read)
         build, agree = build + middle - start, agree + time.perf_counter() - middle

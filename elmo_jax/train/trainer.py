@@ -382,7 +382,10 @@ def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh, compu
     return init, step
 
 
-BOUNDS_AHEAD = 16  # batches whose long-token bounds the hosts agree on in one all-gather (BoundedBatches)
+# batches whose long-token bounds the hosts agree on in one all-gather (BoundedBatches): a gloo all-gather costs
+# ~1.5 ms on the CPU, as much as building a batch of 32 rows (bench_resume.py host-data); 64 batches read ahead
+# are a few MB
+BOUNDS_AHEAD = 64
 
 
 def long_token_bounds(batches: list[dict[str, np.ndarray]]) -> list[int | None]:
