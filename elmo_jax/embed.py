@@ -7,7 +7,8 @@ How a stream of sentences is embedded (packed lanes, as continuous batching in L
    back, longest first into the lane that frees up first.
 2. The biLSTM runs the lanes in blocks of ``block_steps`` steps, one compiled program per (lanes, steps,
    mode) whatever the corpus. A block in which few lanes are busy (a short input, the end of any input) runs
-   only those, in the fewest of ``lanes.lane_subsets`` (a few more programs). A reset flag beside the mask
+   only those, in the fewest of ``lanes.lane_subsets`` (a few more programs), where that pays for compiling
+   the program (``lanes.drain_lanes``, timed at a stream's end). A reset flag beside the mask
    zeroes a lane's state where a sentence starts, so every sentence is computed exactly as if alone from
    zero state (stateless). The backward LM reads each sentence reversed within its slot. State, gathers and
    outputs stay inside the jitted block.
@@ -37,7 +38,8 @@ import numpy as np
 from . import char_cnn
 from .bilm import COMPUTE_DTYPES, BiLM, bilstm, initial_state, split_token_ids, stacked_lstm_params, token_embedding
 from .characters import TokenError
-from .lanes import GatherPlan, Slots, Timeline, TokenTable, choose_lanes, flat_token_ids, lane_subsets
+from .lanes import (GatherPlan, Slots, Timeline, TokenTable, choose_lanes, drain_lanes, flat_token_ids, lane_subsets,
+                    widen)
 from .options import BiLMOptions
 from .sharding import by_batch, data_mesh, replicated, round_up
 
@@ -55,6 +57,7 @@ FUSE_MIN_LANES = 32  # on a CPU, fewer lanes per device run faster unfused when 
 FUSE_ALWAYS_BYTES = 16 << 20  # 2x4096 (64 MB a kernel) at 16 lanes 0.43 vs 0.35 of peak; the built-in (1 MB) never
 RING_STEPS = 256  # steps of each lane's outputs kept on the device (doubled when a long sentence needs it)
 IN_FLIGHT = 2  # gathers dispatched ahead of the one being copied back
+DRAIN_MIN_BLOCKS = 4  # blocks on all lanes timed before a stream's end weighs compiling against running
 
 
 def default_lanes(platform: str, n_devices: int) -> int:
@@ -215,6 +218,8 @@ class Embedder:
         self.params = jax.device_put(compute_params, replicated(self.mesh))
         self.short_chars = short_token_chars(self.options)
         self.compilations = 0  # programs traced so far (each jitted piece counts once per shape)
+        self._block_programs: set[tuple] = set()  # (lanes, ring steps, lanes run, mode) of each block program
+        self._block_compile_seconds: float | None = None  # the last block program's compilation (_run's drain)
         self._insert = jax.jit(self._traced_insert, donate_argnums=(1,))
         self._permute = jax.jit(self._traced_permute)
         self._block = jax.jit(self._traced_block, static_argnames=("mode",), donate_argnums=(2, 3))
@@ -242,6 +247,7 @@ class Embedder:
     def _traced_block(self, params, table, state, ring, first_step, forward, backward, reset, mask, weights, active,
                       *, mode):
         self.compilations += 1
+        self._block_programs.add(_program_key(table, ring, forward, mode))
         # a CPU runs few lanes of a large model faster with the input half of the gates hoisted before the scan
         lstm = self.options.lstm
         kernel_bytes = 2 * lstm.projection_dim * 4 * lstm.dim * np.dtype(self.dtype).itemsize
@@ -377,6 +383,20 @@ class Embedder:
                     tokens.compact(np.zeros(0, np.int32))
                 self._table_lock.release()
 
+    def _drain_plan(self, counts: list[int], lanes: int, table, ring, mode: str, full: list) -> dict | None:
+        """How the blocks at a stream's end run (``lanes.drain_lanes``), from what this stream measured: the
+        seconds a block program took to compile and a block on all lanes to run (``full``: [the time the first
+        one returned, the blocks dispatched since]). None (each block on its own subset) without measurements."""
+        if self.stand_in_device or self._block_compile_seconds is None or full[1] < DRAIN_MIN_BLOCKS:
+            return None
+        block_seconds = (time.perf_counter() - full[0]) / full[1]
+        part = lanes // self.n_devices
+        subsets = lane_subsets(part)
+        compiled = {n for n in subsets
+                    if _program_key(table, ring, np.empty((n * self.n_devices, 0)), mode) in self._block_programs}
+        overhead = STEP_OVERHEAD_LANES.get(self.platform, part)
+        return drain_lanes(counts, subsets, compiled, overhead, self._block_compile_seconds / block_seconds)
+
     def _run(self, stream: _Stream, device: _DeviceTable, mode: str, weights, dtype: np.dtype):
         """Dispatch the stream's table updates, blocks and gathers; yield gathered rows in input order."""
         lead = (self.options.n_representation_layers,) if mode == "all" else ()
@@ -384,8 +404,9 @@ class Embedder:
         by_lane, everywhere = by_batch(self.mesh), replicated(self.mesh)
         plan = GatherPlan(round_up(RING_STEPS, self.block_steps))
         in_flight: collections.deque = collections.deque()
-        ring = state = rows = None
+        ring = state = rows = lanes = drain = None
         done = 0  # steps written into the ring
+        full = [0.0, -1]  # blocks on all lanes: the time the first returned, the count dispatched since
 
         def gather(limit: float) -> bool:
             """Dispatch the reading of the next ready sentences (those finished by step ``limit``)."""
@@ -412,6 +433,8 @@ class Embedder:
 
         for kind, item in stream:
             if kind == "block":
+                if drain is not None and item.active is not None:  # a stream's end: as its drain plan says
+                    item = widen(item, drain[len(item.active) // self.n_devices], lanes, self.n_devices)
                 end = item.first_step + self.block_steps
                 while plan.oldest_start() < end - plan.steps:  # the block would overwrite steps not read yet
                     if not gather(done):
@@ -421,9 +444,15 @@ class Embedder:
                 if not self.stand_in_device:
                     arrays = jax.device_put((item.forward, item.backward, item.reset, item.mask), by_lane)
                     active = None if item.active is None else jax.device_put(item.active, by_lane)
+                    new = _program_key(device.table, ring, item.forward, mode) not in self._block_programs
+                    started = time.perf_counter()
                     state, ring = self._block(self.params, device.table, state, ring,
                                               np.int32(item.first_step % plan.steps), *arrays, weights, active,
                                               mode=mode)
+                    if new:  # the call compiled the program (on this thread; the run itself is asynchronous)
+                        self._block_compile_seconds = time.perf_counter() - started
+                    if item.active is None:
+                        full[:] = [time.perf_counter(), 0] if full[1] < 0 else [full[0], full[1] + 1]
                 done = end
                 while plan.ready_tokens(done) >= rows and gather(done):
                     pass
@@ -439,8 +468,10 @@ class Embedder:
                 if not self.stand_in_device:
                     grown = jnp.pad(device.table, ((0, item - device.table.shape[0]), (0, 0)))
                     device.table = jax.device_put(grown, everywhere)
+            elif kind == "drain":
+                drain = self._drain_plan(item, lanes, device.table, ring, mode, full)
             elif kind == "lanes":
-                rows = item * self.block_steps  # tokens per gather: what a block takes in
+                lanes, rows = item, item * self.block_steps  # tokens per gather: what a block takes in
                 if not self.stand_in_device:
                     state = jax.device_put(initial_state(self.options, item, self.dtype), by_lane)
                     ring = jnp.zeros((item, plan.steps, *lead, width), dtype, device=by_lane)  # made on the device
@@ -528,7 +559,8 @@ class _Stream:
 
     Iterating gives (kind, item) in order: ("lanes", n) first, then "insert" (first row, new tokens), "permute"
     (new_to_old rows), "grow" (capacity), "slots" (Slots of a window, in input order, empty sentences with length
-    0), "block" (Block), and "end". An error in the thread (bad input, an interrupted read) is raised in the
+    0), "block" (Block), "drain" (a stream's end: the lanes per device of each block still to come, before them)
+    and "end". An error in the thread (bad input, an interrupted read) is raised in the
     iterating thread.
     """
 
@@ -584,7 +616,8 @@ class _Stream:
         ahead = list(itertools.islice(stream, LOOK_AHEAD_PER_LANE * self.lanes))
         self._check(ahead, 0)
         lanes, n_devices = self.lanes, self.embedder.n_devices
-        if len(ahead) < LOOK_AHEAD_PER_LANE * self.lanes:  # the whole input is known: no more lanes than it fills,
+        known = len(ahead) < LOOK_AHEAD_PER_LANE * self.lanes
+        if known:  # the whole input is known: no more lanes than it fills,
             steps = np.fromiter((len(s) + 2 for s in ahead if len(s) > 0), np.int64)
             lanes = choose_lanes(steps, self.lanes, n_devices, self.embedder.block_steps,
                                  STEP_OVERHEAD_LANES.get(self.embedder.platform, self.lanes))
@@ -603,7 +636,11 @@ class _Stream:
             start += len(window)
             window = ahead[start : start + window_size] if start < len(ahead) else list(
                 itertools.islice(stream, window_size))
-        for block in timeline.pop_blocks(final=True):
+        blocks = timeline.pop_blocks(final=True)
+        if not known:  # a stream's end: the consumer weighs each lane subset's compilation against what it saves
+            self._put("drain", [lanes // n_devices if b.active is None else len(b.active) // n_devices
+                                for b in blocks])
+        for block in blocks:
             self._put("block", block)
         self._put("end")
 
@@ -688,6 +725,11 @@ class _BackgroundWriter:
         if self.thread.is_alive():
             self.queue.put(None)
             self.thread.join()
+
+
+def _program_key(table, ring, forward, mode) -> tuple:
+    """What tells block programs apart: table rows, all lanes and ring steps, the lanes run, the mode."""
+    return table.shape[0], *ring.shape[:2], forward.shape[0], mode
 
 
 def _check_positive(name: str, value: int | None) -> int | None:

@@ -9,7 +9,8 @@ from elmo_jax.characters import TokenError
 from elmo_jax.cli import main
 from elmo_jax import embed
 from elmo_jax.embed import Embedder
-from elmo_jax.lanes import GatherPlan, Slots, Timeline, assign_lanes, choose_lanes, lane_subsets, slot_rows
+from elmo_jax.lanes import (GatherPlan, Slots, Timeline, assign_lanes, choose_lanes, drain_lanes, lane_subsets,
+                            slot_rows, widen)
 from tests import reference
 
 WORDS = "the bank raised its interest rates . I went to river and deposited money in a very long sentence".split()
@@ -228,6 +229,64 @@ def test_blocks_with_few_busy_lanes_run_only_those():
         assert not full.mask[np.setdiff1d(np.arange(8), np.arange(8)[lanes])].any()  # nothing busy is left out
         for name in ("forward", "backward", "reset", "mask"):
             assert np.array_equal(getattr(block, name), getattr(full, name)[lanes])
+
+
+def test_an_inputs_end_compiles_a_lane_subset_only_where_it_pays():
+    subsets = lane_subsets(128)
+    # the built-in model on the CPU: a block program compiles in ~3 blocks' time; the end's 32- and 8-lane blocks
+    # would save 1.5 blocks, so they run on all lanes
+    assert drain_lanes([128, 32, 8, 8], subsets, {128}, 32, 3.0) == {128: 128, 32: 128, 8: 128}
+    assert drain_lanes([128, 32, 8, 8], subsets, {128}, 32, 0.0) == {128: 128, 32: 32, 8: 8}
+    # 2x4096: compiling takes a quarter of a block; 20 one-lane blocks save ~15 blocks
+    assert drain_lanes([128] + [1] * 20, subsets, {128}, 32, 0.25) == {128: 128, 1: 1}
+    assert drain_lanes([32, 1, 1], subsets, {128, 8}, 32, 1.0) == {32: 128, 1: 8}  # compiled ones are free
+    assert drain_lanes([32, 8, 8], subsets, {128}, 32, 1.0) == {32: 32, 8: 32}  # one program serves both
+
+
+def test_a_widened_block_is_the_block_timeline_makes_with_those_lanes():
+    lengths = np.array([20, 10] + [1] * 12)
+    for devices in (1, 2):
+        part, made = 8 // devices, []
+        for subsets in (lane_subsets(part), (part,), (part, 2)):
+            timeline = Timeline(lanes=8, block_steps=4, subsets=subsets, devices=devices)
+            timeline.place(np.arange(14), lengths, np.arange(42, dtype=np.int32) + 2)
+            made.append(timeline.pop_blocks(final=True))
+        widened = 0
+        for block, full, pair in zip(*made):
+            for want in (full, pair):
+                n = len(want.forward) // devices
+                if len(block.forward) // devices > n:
+                    continue  # widen never narrows
+                got = widen(block, n, 8, devices)
+                widened += block.active is not None and got.active is not block.active
+                assert (got.active is None) == (want.active is None) and got.first_step == want.first_step
+                assert got.active is None or got.active.tolist() == want.active.tolist()
+                for name in ("forward", "backward", "reset", "mask"):
+                    assert np.array_equal(getattr(got, name), getattr(want, name))
+        assert widened >= 4
+
+
+@pytest.mark.parametrize("compile_blocks", [0.0, 1e9])
+def test_an_inputs_end_keeps_the_numbers_whether_it_runs_on_subsets_or_all_lanes(tiny_model, monkeypatch,
+                                                                                compile_blocks):
+    """A stream (not known in advance) ends with a long sentence: its last blocks run on the one-lane program,
+    or (compiling costs more than they save) widened to all lanes; the vectors are the same."""
+    decided = []
+
+    def decide(counts, subsets, compiled, overhead, _):
+        decided.append(drain_lanes(counts, subsets, compiled, overhead, compile_blocks))
+        return decided[-1]
+
+    monkeypatch.setattr(embed, "drain_lanes", decide)
+    monkeypatch.setattr(embed, "DRAIN_MIN_BLOCKS", 1)
+    sentences = _sentences(70, seed=7) + [list(np.random.default_rng(8).choice(WORDS, size=120))]
+    embedder = Embedder(model=tiny_model, batch_size=8, block_steps=4)  # 70 > 8 sentences a lane: a stream
+    got = list(embedder.embed_sentences(sentences))
+    for sentence, vectors in zip(sentences, got):
+        want = reference.bilm_sentence(tiny_model.params, tiny_model.options, sentence)[:, 1:-1]
+        np.testing.assert_allclose(vectors, want, atol=1e-5)
+    assert len(decided) == 1 and decided[0][1] == (1 if compile_blocks == 0 else 2)  # 2 lanes a device: all
+    assert embedder._block._cache_size() == (2 if compile_blocks == 0 else 1)
 
 
 def test_lane_subsets_keep_the_numbers(tiny_model):
