@@ -1,7 +1,7 @@
 """Resume and per-host data costs of training on real text.
 
     python benchmarks/bench_resume.py resume --corpus /tmp/corpus --at 10 5000
-    python benchmarks/bench_resume.py host-data --corpus /tmp/corpus --batch 64 --unroll 20 --batches 400
+    python benchmarks/bench_resume.py host-data --corpus /tmp/corpus --batch 64 --unroll 20 --batches 768 [--pin-cores]
 
 ``resume``: trains a tiny biLM (2 layers of 64 cells, projection 16, a small char CNN; batch 64 x 20 tokens,
 the corpus's own vocabulary) on CORPUS/train/*.txt for real for ``--train-steps`` steps (default: the smallest
@@ -22,6 +22,8 @@ largest part of a start on CPU (~10 s here), is the same for all and the rest ca
 the batch (read, encode, copy) and to agree on the long-token bound (``trainer.long_token_bounds``, an
 all-gather between the processes), averaged over ``--batches`` batches after one; the 2 processes once with an
 all-gather a batch and once with one for ``--ahead`` batches, as the trainer does (``BoundedBatches``).
+``--pin-cores`` puts each process on a core of its own (the one process on core 0), as separate hosts would be;
+without it the processes share the machine's cores with each other's runtime threads.
 
 Each prints one JSON line.
 """
@@ -207,7 +209,10 @@ def _free_port() -> int:
 
 
 def host_data_main(args) -> dict:
-    result = {"bench": "host_data", "batch": args.batch, "unroll": args.unroll, "batches": args.batches}
+    result = {"bench": "host_data", "batch": args.batch, "unroll": args.unroll, "batches": args.batches,
+              "pin_cores": args.pin_cores}
+    if args.pin_cores and not shutil.which("taskset"):
+        raise SystemExit("--pin-cores needs taskset (util-linux)")
     scratch = tempfile.mkdtemp(prefix="bench_host_data_")
     for n, ahead in ((1, 1), (2, 1), (2, args.ahead)):
         port, launched = _free_port(), []
@@ -216,8 +221,9 @@ def host_data_main(args) -> dict:
             if n > 1:
                 env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
                            JAX_PROCESS_ID=str(index))
+            pin = ["taskset", "-c", str(index % os.cpu_count())] if args.pin_cores else []
             launched.append(subprocess.Popen(
-                [sys.executable, __file__, "host-data-worker", "--processes", str(n), "--corpus", args.corpus,
+                [*pin, sys.executable, __file__, "host-data-worker", "--processes", str(n), "--corpus", args.corpus,
                  "--batch", str(args.batch), "--unroll", str(args.unroll), "--batches", str(args.batches),
                  "--ahead", str(ahead), "--result", os.path.join(scratch, f"{index}.json")],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -256,6 +262,8 @@ def main(argv=None) -> dict:
         p.add_argument("--ahead", type=int, help="batches whose bounds one all-gather agrees on (the 2-process run's "
                        "second measurement; default: the trainer's BOUNDS_AHEAD)")
         p.add_argument("--result", help=argparse.SUPPRESS if name == "host-data" else "write the result here")
+        p.add_argument("--pin-cores", action="store_true",
+                       help="each process on a core of its own (taskset), as hosts of their own would be")
         p.set_defaults(func=host_data_main if name == "host-data" else host_data_worker)
     args = parser.parse_args(argv)
     if getattr(args, "ahead", 0) is None:
