@@ -58,6 +58,9 @@ FUSE_ALWAYS_BYTES = 16 << 20  # 2x4096 (64 MB a kernel) at 16 lanes 0.43 vs 0.35
 RING_STEPS = 256  # steps of each lane's outputs kept on the device (doubled when a long sentence needs it)
 IN_FLIGHT = 2  # gathers dispatched ahead of the one being copied back
 DRAIN_MIN_BLOCKS = 4  # blocks on all lanes timed before a stream's end weighs compiling against running
+# a block program's compilation is taken as at least this long: one found in the persistent compilation cache
+# loads in a fraction of it, and what an input's end compiles should not depend on the cache's state
+DRAIN_MIN_COMPILE_SECONDS = 0.5
 
 
 def default_lanes(platform: str, n_devices: int) -> int:
@@ -395,7 +398,8 @@ class Embedder:
         compiled = {n for n in subsets
                     if _program_key(table, ring, np.empty((n * self.n_devices, 0)), mode) in self._block_programs}
         overhead = STEP_OVERHEAD_LANES.get(self.platform, part)
-        return drain_lanes(counts, subsets, compiled, overhead, self._block_compile_seconds / block_seconds)
+        compile_seconds = max(self._block_compile_seconds, DRAIN_MIN_COMPILE_SECONDS)
+        return drain_lanes(counts, subsets, compiled, overhead, compile_seconds / block_seconds)
 
     def _run(self, stream: _Stream, device: _DeviceTable, mode: str, weights, dtype: np.dtype):
         """Dispatch the stream's table updates, blocks and gathers; yield gathered rows in input order."""
