@@ -250,7 +250,7 @@ class Embedder:
     def _traced_block(self, params, table, state, ring, first_step, forward, backward, reset, mask, weights, active,
                       *, mode):
         self.compilations += 1
-        self._block_programs.add(_program_key(table, ring, forward, mode))
+        self._block_programs.add(_program_key(table, ring, forward.shape[0], mode))
         # a CPU runs few lanes of a large model faster with the input half of the gates hoisted before the scan
         lstm = self.options.lstm
         kernel_bytes = 2 * lstm.projection_dim * 4 * lstm.dim * np.dtype(self.dtype).itemsize
@@ -396,7 +396,7 @@ class Embedder:
         part = lanes // self.n_devices
         subsets = lane_subsets(part)
         compiled = {n for n in subsets
-                    if _program_key(table, ring, np.empty((n * self.n_devices, 0)), mode) in self._block_programs}
+                    if _program_key(table, ring, n * self.n_devices, mode) in self._block_programs}
         overhead = STEP_OVERHEAD_LANES.get(self.platform, part)
         compile_seconds = max(self._block_compile_seconds, DRAIN_MIN_COMPILE_SECONDS)
         return drain_lanes(counts, subsets, compiled, overhead, compile_seconds / block_seconds)
@@ -448,7 +448,7 @@ class Embedder:
                 if not self.stand_in_device:
                     arrays = jax.device_put((item.forward, item.backward, item.reset, item.mask), by_lane)
                     active = None if item.active is None else jax.device_put(item.active, by_lane)
-                    new = _program_key(device.table, ring, item.forward, mode) not in self._block_programs
+                    new = _program_key(device.table, ring, len(item.forward), mode) not in self._block_programs
                     started = time.perf_counter()
                     state, ring = self._block(self.params, device.table, state, ring,
                                               np.int32(item.first_step % plan.steps), *arrays, weights, active,
@@ -731,9 +731,9 @@ class _BackgroundWriter:
             self.thread.join()
 
 
-def _program_key(table, ring, forward, mode) -> tuple:
+def _program_key(table, ring, lanes_run: int, mode) -> tuple:
     """What tells block programs apart: table rows, all lanes and ring steps, the lanes run, the mode."""
-    return table.shape[0], *ring.shape[:2], forward.shape[0], mode
+    return table.shape[0], *ring.shape[:2], lanes_run, mode
 
 
 def _check_positive(name: str, value: int | None) -> int | None:

@@ -90,7 +90,7 @@ def drain_lanes(counts: Sequence[int], subsets: tuple[int, ...], compiled: set[i
       {count: lanes it runs with}.
     """
     everyone = subsets[0]
-    candidates = sorted({n for n in counts if n not in compiled} | {n for n in subsets if n not in compiled})
+    candidates = [n for n in subsets if n not in compiled]
     best = None
     for k in range(len(candidates) + 1):
         for extra in itertools.combinations(candidates, k):
@@ -111,12 +111,6 @@ def widen(block: Block, n: int, lanes: int, devices: int = 1) -> Block:
     if block.active is None or len(block.active) == n * devices:
         return block
     have = len(block.active) // devices
-    arrays = (block.forward, block.backward, block.reset, block.mask)
-    if n == part:  # the all-lanes program
-        full = [np.zeros((lanes, a.shape[1]), a.dtype) for a in arrays]
-        for whole, a in zip(full, arrays):
-            whole[block.active] = a
-        return Block(*full, block.first_step)
     active, source = [], []
     for d, mine in enumerate(block.active.reshape(devices, have) % part):
         chosen = np.concatenate([mine, np.setdiff1d(np.arange(part), mine)[: n - have]])
@@ -131,7 +125,9 @@ def widen(block: Block, n: int, lanes: int, devices: int = 1) -> Block:
         out[kept] = a[source[kept]]
         return out
 
-    return Block(*map(take, arrays), block.first_step, np.concatenate(active).astype(np.int32))
+    arrays = (block.forward, block.backward, block.reset, block.mask)
+    active = np.concatenate(active).astype(np.int32)
+    return Block(*map(take, arrays), block.first_step, None if n == part else active)  # all lanes: their program
 
 
 def assign_lanes(free: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
