@@ -115,6 +115,12 @@ class DictionaryCharacters:
         words = read_dictionary(os.path.join(directory, "word.dic")) if options.tokens.has_words else None
         return cls(chars, words, options.char_cnn.max_characters_per_token, source=directory)
 
+    def tokens_ids(self, tokens: Sequence[str]) -> np.ndarray:
+        """Many tokens -> (len(tokens), width) int32 ids (``token_ids`` of each)."""
+        if not tokens:
+            return np.zeros((0, self.width), np.int32)
+        return np.stack([self.token_ids(token) for token in tokens])
+
     def token_ids(self, token: str) -> np.ndarray:
         """One token -> (width,) int32 ids: char ids, then the word id if the model has words."""
         if not isinstance(token, str):

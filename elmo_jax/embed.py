@@ -289,7 +289,7 @@ class Embedder:
         if self.stand_in_device or not new:
             return table
         max_chars = self.options.char_cnn.max_characters_per_token
-        token_ids = np.stack([self.model.characters.token_ids(t) for t in new])  # (new, token_id_width)
+        token_ids = self.model.characters.tokens_ids(new)  # (new, token_id_width)
         chars, words = split_token_ids(self.options, token_ids)
         rows = np.arange(first_row, first_row + len(new), dtype=np.int32)
         is_long = char_cnn.long_tokens(chars) if self.short_chars < max_chars else np.ones(len(new), bool)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from elmo_jax import Vocabulary, batch_to_ids
-from elmo_jax.characters import TokenError, boundary_char_ids, token_to_char_ids
+from elmo_jax.characters import TokenError, boundary_char_ids, token_to_char_ids, tokens_to_char_ids
 
 
 def test_ascii_token_ids_are_bytes_plus_one_between_word_markers():
@@ -24,6 +24,19 @@ def test_sentence_boundary_tokens():
     bos, eos = boundary_char_ids()
     assert list(bos[:3]) == [259, 257, 260] and list(eos[:3]) == [259, 258, 260]
     assert np.array_equal(token_to_char_ids("<S>"), bos) and np.array_equal(token_to_char_ids("</S>"), eos)
+
+
+def test_many_tokens_at_once_are_each_token_s_ids():
+    tokens = ["ab", "é", "x" * 60, "<S>", "</S>", "日本語" * 9, "a", "<S>x", "", "€" * 16, "z"]
+    for max_chars in (50, 12):
+        got = tokens_to_char_ids(tokens, max_chars)
+        assert got.shape == (len(tokens), max_chars) and got.dtype == np.int32
+        np.testing.assert_array_equal(got, np.stack([token_to_char_ids(t, max_chars) for t in tokens]))
+    assert tokens_to_char_ids([]).shape == (0, 50)
+    with pytest.raises(TokenError, match="not valid Unicode"):
+        tokens_to_char_ids(["a", "a\udcff"])
+    with pytest.raises(TokenError, match="must be str"):
+        tokens_to_char_ids(["a", 3])
 
 
 def test_batch_to_ids_pads_with_zero_tokens():

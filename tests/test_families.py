@@ -111,6 +111,9 @@ def test_efml_token_ids_follow_the_original(efml_model):
     assert unknown[2] == chars["<oov>"] + 1 and unknown[-1] == words["<oov>"] + 1
     long = "ab" * 40
     np.testing.assert_array_equal(characters.token_ids(long), characters.token_ids(long[:48]))
+    many = ["cat", "ж€q", long, *characters.boundary_tokens]
+    np.testing.assert_array_equal(characters.tokens_ids(many), np.stack([characters.token_ids(t) for t in many]))
+    assert characters.tokens_ids([]).shape == (0, characters.width)
     assert characters.token_ids(long)[49] == chars["<bow>"] + 1
     np.testing.assert_array_equal(characters.token_ids("<bos>"), efml_model.options.tokens.bos_ids)
     assert characters.token_ids("<S>")[1] == chars["<"] + 1  # bilm-tf's boundary is an ordinary token here
