@@ -415,6 +415,9 @@ def long_token_bound(batch: dict[str, np.ndarray]) -> int | None:
     return long_token_bounds([batch])[0]
 
 
+_COUNTED_HERE = object()  # Trainer.step's default: the batch's long-token bound is counted in the call
+
+
 class BoundedBatches:
     """A ``Batches`` read ``ahead`` batches at a time, each with its ``long_token_bounds`` bound: with several
     processes one all-gather serves ``ahead`` steps instead of one (a host collective a step stalls dispatch).
@@ -618,11 +621,13 @@ class Trainer:
         sharded by rows (``place_rows``)."""
         return place_rows(batch, self.rows, self.by_batch, self.options.training.batch_size)
 
-    def step(self, batch: dict[str, np.ndarray], long_token_rows: int | None | str = "count") -> dict[str, jax.Array]:
+    def step(self, batch: dict[str, np.ndarray], long_token_rows: int | None | object = _COUNTED_HERE
+             ) -> dict[str, jax.Array]:
         """One train step on this process's rows of a batch (numpy); updates self.state, returns the metrics.
 
-        long_token_rows: the batch's ``long_token_bounds`` if known (``BoundedBatches``), else counted here."""
-        if long_token_rows == "count":
+        long_token_rows: the batch's ``long_token_bounds`` bound (None: no bound) if known (``BoundedBatches``);
+        by default it is counted here."""
+        if long_token_rows is _COUNTED_HERE:
             long_token_rows = long_token_bound(batch)
         self.state, metrics = self._step(self.state, self.put_batch(batch), self.vocab_char_ids,
                                          long_token_rows=long_token_rows)
