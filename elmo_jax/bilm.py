@@ -353,7 +353,7 @@ class BiLM:
     def embed_vocabulary(self, words: list[str], batch_size: int = 1024) -> np.ndarray:
         """Token vectors of each word (AllenNLP's ``vocab_to_cache``): (len(words), projection_dim) float32."""
         width = self.options.token_id_width
-        ids = np.stack([self.characters.token_ids(w) for w in words])
+        ids = self.characters.tokens_ids(words)
         chunks = []
         for start in range(0, len(ids), batch_size):
             chunk = ids[start : start + batch_size]
