@@ -24,6 +24,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def put_global(tree, sharding: NamedSharding):
+    """Host values (numpy or local arrays, the same on every process) -> global jax.Arrays with ``sharding``.
+
+    Each process fills only its own devices' pieces (``jax.make_array_from_callback``), so this works for a
+    mesh over several processes' devices, where ``jax.device_put`` of a host value may not.
+    """
+    import numpy as np
+
+    def put(value):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(put, tree)
+
+
 def varying_like(tree, x: jax.Array):
     """``tree`` plus a zero derived from ``x``: the same numbers, typed as varying over devices as ``x`` is.
 

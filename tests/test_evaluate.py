@@ -2,6 +2,8 @@
 kept on the devices and fetched once, the tied softmax's vocabulary embedded once."""
 
 import functools
+import io
+import json
 import math
 
 import jax
@@ -14,7 +16,8 @@ from elmo_jax.train import evaluate
 from elmo_jax.train.data import LMDataset, load_vocabulary
 from elmo_jax.train.evaluate import perplexity
 from elmo_jax.train.loss import eval_loss, init_train_params, initial_lm_state
-from tests.test_train import DATA, N_VOCAB, TINY, VOCAB
+from elmo_jax.train.trainer import TrainConfig, Trainer
+from tests.test_train import DATA, N_VOCAB, TINY, VOCAB, _run_in_processes
 
 
 def _params(options: BiLMOptions) -> dict:
@@ -93,3 +96,50 @@ def test_compensated_sum_keeps_the_precision_a_float32_sum_loses():
     exact = float(np.sum(values.astype(np.float64)))
     assert abs(float(total[0]) + float(total[1]) - exact) <= 1e-6 * exact  # a few float32 roundings
     assert abs(float(naive) - exact) > 1e-3 * exact  # what the compensation saves
+
+
+_PERPLEXITY_SCRIPT = """
+import contextlib, io, json, pathlib, sys
+import jax
+from elmo_jax.cli import main
+from elmo_jax.train import evaluate
+seen = {}
+class Recorded(evaluate.LMDataset):  # which rows this process reads
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        seen["rows"] = list(self.rows)
+mesh = evaluate.data_mesh
+evaluate.LMDataset = Recorded
+evaluate.data_mesh = lambda devices: seen.setdefault("mesh", []).append(len(devices)) or mesh(devices)
+out = io.StringIO()
+with contextlib.redirect_stdout(out):  # Gloo prints to the real stdout from C++; the JSON is kept apart from it
+    status = main(["perplexity", "--distributed", *sys.argv[2:]])
+devices = [d.process_index for d in jax.devices()]
+result = {"status": status, "stdout": out.getvalue(), "devices": devices, **seen}
+pathlib.Path(sys.argv[1], f"result{jax.process_index()}.json").write_text(json.dumps(result))
+"""
+
+
+def test_two_processes_evaluate_their_own_rows_as_one_process_on_four_devices(tmp_path):
+    """``elmo-jax perplexity --distributed`` in 2 processes x 2 CPU devices (gloo): one mesh over the 4 devices,
+    each process reading its own 2 rows of each batch; process 0 prints the numbers one process on 4 devices
+    gives, with the tied vocabulary embedded over the 4 devices of both processes."""
+    options = BiLMOptions.from_dict({**TINY, "share_embedding_softmax": True})
+    trainer = Trainer(TrainConfig(options, DATA, VOCAB, n_steps=3, checkpoint_every=3), tmp_path / "run",
+                      devices=jax.devices()[:4], log_stream=io.StringIO())
+    trainer.train()
+    params = jax.device_get(trainer.state.params)
+    want = perplexity(params, options, DATA, load_vocabulary(VOCAB, N_VOCAB), batch_size=4, unroll_steps=3,
+                      devices=jax.devices()[:4])
+    first, second = _run_in_processes(2, ["--run-dir", str(tmp_path / "run"), "--test-prefix", DATA, "--vocab",
+                                          VOCAB, "--batch-size", "4", "--unroll-steps", "3"], tmp_path,
+                                      script=_PERPLEXITY_SCRIPT)
+    assert first["status"] == second["status"] == 0
+    assert first["devices"] == second["devices"] == [0, 0, 1, 1]  # one runtime: both see all 4 devices
+    assert first["mesh"] == second["mesh"] == [1, 4]  # restored on a local device, evaluated over all 4
+    assert first["rows"] == [0, 1] and second["rows"] == [2, 3]  # each reads the rows its devices hold
+    assert second["stdout"] == ""  # process 0 alone prints
+    got = json.loads(first["stdout"])
+    assert got["batches"] == want["batches"] > 2
+    for name in ("forward", "backward", "mean"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, err_msg=name)

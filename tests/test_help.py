@@ -22,7 +22,7 @@ ARGUMENTS = {
               "--devices", "--distributed", "--seed", "--log-every", "--checkpoint-every", "--learning-rate",
               "--dtype"],
     "perplexity": ["--test-prefix", "--vocab", "--run-dir", "--options", "--weights", "--batch-size",
-                   "--unroll-steps"],
+                   "--unroll-steps", "--distributed"],
     "export": ["run_dir", "--weights", "--options", "--vocab", "--token-embeddings"],
 }
 

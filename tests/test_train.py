@@ -685,8 +685,9 @@ pathlib.Path(sys.argv[1], f"result{me}.json").write_text(json.dumps(result))
 """
 
 
-def _run_in_processes(n_processes: int, argv: list[str], tmp_path) -> list[dict]:
-    """Run _ROWS_SCRIPT DIR ARGV in n_processes local processes of 2 CPU devices each; the results they wrote.
+def _run_in_processes(n_processes: int, argv: list[str], tmp_path, script: str | None = None) -> list[dict]:
+    """Run ``script`` (default _ROWS_SCRIPT) DIR ARGV in n_processes local processes of 2 CPU devices each; the
+    results they wrote (DIR/result{process index}.json).
 
     Each writes its result to a file in DIR: Gloo prints to stdout from C++ and can split any line printed there."""
     port = _free_port()
@@ -694,7 +695,7 @@ def _run_in_processes(n_processes: int, argv: list[str], tmp_path) -> list[dict]
     for index in range(n_processes):
         env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(n_processes),
                "JAX_PROCESS_ID": str(index), "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
-        launched.append(subprocess.Popen([sys.executable, "-c", _ROWS_SCRIPT, str(tmp_path), *argv], env=env,
+        launched.append(subprocess.Popen([sys.executable, "-c", script or _ROWS_SCRIPT, str(tmp_path), *argv], env=env,
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for process in launched:
         output, _ = process.communicate(timeout=300)

@@ -84,6 +84,9 @@ def register(subparsers) -> None:
                                      "run's softmax")
     p.add_argument("--batch-size", type=int, default=256, help="rows per batch (default 256, as bilm-tf)")
     p.add_argument("--unroll-steps", type=int, default=1, help="tokens per window (default 1, as bilm-tf)")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host, as train --distributed: every process's devices evaluate, each process reads "
+                        "only its rows of each batch; process 0 prints the JSON")
     p.set_defaults(func=perplexity_command)
 
     p = subparsers.add_parser(
@@ -158,6 +161,12 @@ def train_command(args: argparse.Namespace) -> int:
 def perplexity_command(args: argparse.Namespace) -> int:
     """``elmo-jax perplexity``: prints the run's full-softmax test perplexities as JSON; returns 0."""
     try:
+        if args.distributed:
+            from .trainer import initialize_distributed
+
+            initialize_distributed()
+        import jax
+
         from .data import load_vocabulary
         from .evaluate import load_run, perplexity
 
@@ -177,7 +186,8 @@ def perplexity_command(args: argparse.Namespace) -> int:
         vocab = load_vocabulary(args.vocab, options.training.n_tokens_vocab)
         result = perplexity(params, options, args.test_prefix, vocab, batch_size=args.batch_size,
                             unroll_steps=args.unroll_steps)
-        print(json.dumps(result))
+        if jax.process_index() == 0:
+            print(json.dumps(result))
     except _ERRORS as error:
         _fail("perplexity", str(error))
     return 0

@@ -17,10 +17,11 @@ from jax.sharding import Mesh, PartitionSpec
 from ..bilm import token_embedding
 from ..characters import Vocabulary
 from ..options import BiLMOptions
-from ..sharding import by_batch, data_mesh, replicated
+from ..sharding import by_batch, data_mesh, put_global, replicated
 from .data import DataError, LMDataset
 from .loss import eval_token_losses, initial_lm_state
-from .trainer import TrainConfig, TrainError, TrainState, _init_fn, _optimizer_settings, load_config
+from .trainer import (TrainConfig, TrainError, TrainState, _init_fn, _optimizer_settings, host_rows, load_config,
+                      place_rows)
 
 
 def perplexity(params: dict, options: BiLMOptions, files: str, vocab: Vocabulary, *, batch_size: int = 256,
@@ -32,14 +33,17 @@ def perplexity(params: dict, options: BiLMOptions, files: str, vocab: Vocabulary
     tokens of the full-softmax loss), which is bilm-tf's exp(mean over batches of the batch means): every
     batch has batch_size * unroll_steps tokens.
 
-    Each batch is split by rows over a data mesh (``elmo_jax.sharding.data_mesh``), params replicated. The sums
+    Each batch is split by rows over a data mesh (``elmo_jax.sharding.data_mesh``), params replicated. With
+    several processes (``jax.distributed``), the mesh spans every process's devices and each process reads and
+    encodes only the rows its devices hold (as the Trainer does); every process returns the same numbers. The sums
     of the losses (compensated float32 sums, so long evaluations lose no precision) and the token count stay
     on the devices and are fetched once, at the end. With a tied softmax (share_embedding_softmax) the
     vocabulary's token embeddings, the softmax weights, are computed once, split over the devices.
 
     Args:
       params: biLM params with "softmax"; vocab: the training vocabulary (n_tokens_vocab words).
-      devices: the devices to use (default: all local ones); as many of the first of them as divide batch_size.
+      devices: the devices to use (default: all, of every process); in one process as many of the first of them
+        as divide batch_size, with several all of them, and batch_size must divide evenly over them.
     Returns:
       {"forward", "backward" (if bidirectional), "mean" (exp of the mean of the directions' losses), "batches"}.
     """
@@ -48,25 +52,33 @@ def perplexity(params: dict, options: BiLMOptions, files: str, vocab: Vocabulary
     if options.training.n_tokens_vocab != len(vocab):
         raise DataError(f"{vocab.source}: vocabulary has {len(vocab)} tokens but the options say "
                         f"n_tokens_vocab={options.training.n_tokens_vocab}")
-    max_chars = options.char_cnn.max_characters_per_token
-    data = LMDataset(files, vocab, batch_size, unroll_steps, shuffle=False, loop=False, max_chars=max_chars)
     # ---- mesh: the batch split by rows, the rest replicated
-    devices = list(devices) if devices is not None else jax.local_devices()
-    n_devices = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+    devices = list(devices) if devices is not None else jax.devices()
+    if jax.process_count() == 1:
+        n_devices = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+    elif batch_size % len(devices):
+        raise DataError(f"batch_size={batch_size} must divide evenly over the {len(devices)} devices of the "
+                        f"{jax.process_count()} processes")
+    else:
+        n_devices = len(devices)
     mesh = data_mesh(devices[:n_devices])
     whole, rows = replicated(mesh), by_batch(mesh)
-    params = jax.device_put(params, whole)
+    own_rows = host_rows(rows, batch_size)  # this process's rows of each batch
+    max_chars = options.char_cnn.max_characters_per_token
+    data = LMDataset(files, vocab, batch_size, unroll_steps, shuffle=False, loop=False, max_chars=max_chars,
+                     rows=own_rows)
+    params = put_global(params, whole)
     if options.training.share_embedding_softmax:
         softmax_w = vocabulary_embeddings(params, options, vocab.char_ids(max_chars), mesh)
     else:
         softmax_w = params["softmax"]["W"]
     # ---- the pass: sums on the devices
     step = _eval_step(options, mesh)
-    state = jax.device_put(initial_lm_state(options, batch_size), rows)
-    totals = jax.device_put(_zero_totals(options), whole)
+    state = put_global(initial_lm_state(options, batch_size), rows)
+    totals = put_global(_zero_totals(options), whole)
     n = 0
     for batch in data.batches():
-        totals, state = step(params, softmax_w, jax.device_put(batch, rows), state, totals)
+        totals, state = step(params, softmax_w, place_rows(batch, own_rows, rows, batch_size), state, totals)
         n += 1
         if max_batches is not None and n >= max_batches:
             break
@@ -101,7 +113,7 @@ def vocabulary_embeddings(params: dict, options: BiLMOptions, vocab_char_ids: np
     padded[:n_vocab] = vocab_char_ids
     bilm_params = {name: value for name, value in params.items() if name != "softmax"}
     program = _vocabulary_program(options, mesh, n_vocab)
-    return program(bilm_params, jax.device_put(padded.reshape(-1, chunk, width), by_batch(mesh)))
+    return program(bilm_params, put_global(padded.reshape(-1, chunk, width), by_batch(mesh)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -163,7 +175,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[dict,
     if step is None:
         raise TrainError(f"{run_dir}: no checkpoint in {run_dir}/checkpoints")
     target = jax.eval_shape(_init_fn(config.options, _optimizer_settings(config)), jax.random.PRNGKey(0), None)
-    sharding = replicated(data_mesh(jax.devices()[:1]))
+    sharding = replicated(data_mesh(jax.local_devices()[:1]))  # each process restores its own copy
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
