@@ -44,10 +44,14 @@ from .options import BiLMOptions
 from .sharding import by_batch, data_mesh, replicated, round_up
 
 OUTPUT_MODES = ("all", "top", "average", "token")
-# lanes in all on a CPU, elsewhere LANES_PER_ACCELERATOR per device. A CPU step costs its lanes plus ~32 lanes'
-# worth (STEP_OVERHEAD_LANES), so 256 lanes run ~10% more tokens a second than 128 (built-in model: 30.2k against
-# 27.8k warm, 100,000 lines in 72 s against 80 s whole) and no faster at 512, whose ring of outputs is twice as large
-LANES = {"cpu": 256}
+# lanes in all on a CPU (elsewhere LANES_PER_ACCELERATOR per device): the most of these whose step's gates
+# (lanes x 4 x cells float32) fit CPU_STEP_GATES_BYTES. A CPU step costs its lanes plus ~32 lanes' worth
+# (STEP_OVERHEAD_LANES), so the built-in model (512 cells, 2 MB of gates at 256 lanes) runs ~10% more tokens a second
+# on 256 lanes than on 128 (30.2k against 27.8k warm; 100,000 lines in 72 s against 80 s whole) and no more on 512,
+# while 2x4096 (16 MB at 256) runs 15% fewer (2,500 sentences: 1,050 against 1,235 tokens/s), its step's working
+# set out of the 4 MB L2 of a core; only these two sizes were measured
+CPU_LANES = (256, 128)
+CPU_STEP_GATES_BYTES = 4 << 20
 LANES_PER_ACCELERATOR = 1024
 BLOCK_STEPS = {"cpu": 32}  # elsewhere 64
 TABLE_BYTES = 64 << 20  # token table on the device (rows of projection_dim), at least TABLE_MIN_ROWS rows
@@ -68,9 +72,13 @@ DRAIN_MIN_BLOCKS = 4  # blocks on all lanes timed before a stream's end weighs c
 DRAIN_MIN_COMPILE_SECONDS = 0.5
 
 
-def default_lanes(platform: str, n_devices: int) -> int:
-    """Lanes for a device kind: a CPU wants ~64-256 in all, an accelerator thousands."""
-    return round_up(LANES.get(platform, LANES_PER_ACCELERATOR * n_devices), n_devices)
+def default_lanes(platform: str, n_devices: int, lstm_cells: int) -> int:
+    """Lanes for a device kind and an LSTM of ``lstm_cells`` cells: a CPU wants 128-256 in all (``CPU_LANES``),
+    an accelerator thousands."""
+    if platform != "cpu":
+        return round_up(LANES_PER_ACCELERATOR * n_devices, n_devices)
+    fits = [lanes for lanes in CPU_LANES if lanes * 4 * lstm_cells * 4 <= CPU_STEP_GATES_BYTES]
+    return round_up(max(fits, default=min(CPU_LANES)), n_devices)
 
 
 def short_token_chars(options: BiLMOptions) -> int:
@@ -189,7 +197,8 @@ class Embedder:
         archive of any family alone (``Embedder(model_dir)``, as ELMoForManyLangs' ``Embedder``) loads with
         ``BiLM.from_pretrained``.
       model: an already loaded BiLM, or the path of any published model (``BiLM.from_pretrained``).
-      batch_size: lanes, the sentences run side by side (default by device kind: 256 on a CPU, 1024 per
+      batch_size: lanes, the sentences run side by side (default by device kind: 256 on a CPU, 128 for an LSTM of
+        over 1024 cells, 1024 per
         accelerator); speed and memory only, the numbers do not depend on it. A short input uses fewer.
       dtype: "float32" or "bfloat16" compute (outputs are float32 either way).
       devices: the devices whose mesh splits the lanes (default all local devices).
@@ -218,7 +227,8 @@ class Embedder:
         self.mesh = data_mesh(devices)
         self.n_devices = self.mesh.devices.size
         self.platform = self.mesh.devices.flat[0].platform
-        self.lanes = _check_positive("batch_size", batch_size) or default_lanes(self.platform, self.n_devices)
+        self.lanes = (_check_positive("batch_size", batch_size)
+                      or default_lanes(self.platform, self.n_devices, self.options.lstm.dim))
         self.block_steps = _check_positive("block_steps", block_steps) or BLOCK_STEPS.get(self.platform, 64)
         self.dtype, self.stand_in_device = COMPUTE_DTYPES[dtype], stand_in_device
         compute_params = jax.tree.map(lambda p: p.astype(self.dtype), model.params)

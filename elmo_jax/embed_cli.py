@@ -42,7 +42,8 @@ def add_embed_parser(subparsers) -> None:
     parser.set_defaults(mode="all")
     parser.add_argument("--batch-size", type=_positive, default=None,
                         help="lanes: sentences run side by side in the packed biLSTM (default by device kind: 256 on "
-                             "a CPU, 1024 per accelerator); speed and memory only")
+                             "a CPU, 128 for an LSTM of over 1024 cells, 1024 per accelerator); speed and memory "
+                             "only")
     parser.add_argument("--block-steps", type=_positive, default=None,
                         help="time steps per compiled biLSTM block (default 32 on a CPU, 64 elsewhere); speed only")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

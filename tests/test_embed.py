@@ -201,6 +201,16 @@ def test_lanes_end_together():
         assert start[lane == r][mine][0] == 0 and np.array_equal(start[lane == r][mine][1:], ends[:-1])
 
 
+def test_default_lanes_by_device_kind_and_lstm_size():
+    """A CPU: 256 lanes while a step's gates fit 4 MB (the built-in 512 cells, 1024), 128 beyond (2x4096);
+    an accelerator 1024 a device; always a multiple of the device count."""
+    assert embed.default_lanes("cpu", 1, 512) == embed.default_lanes("cpu", 1, 1024) == 256
+    assert embed.default_lanes("cpu", 1, 2048) == embed.default_lanes("cpu", 1, 4096) == 128
+    assert embed.default_lanes("cpu", 3, 512) == 258 and embed.default_lanes("cpu", 3, 4096) == 129
+    assert embed.default_lanes("gpu", 2, 4096) == 2048
+    assert Embedder(devices=jax.devices()[:1]).lanes == 256  # the built-in model
+
+
 def test_a_short_input_gets_the_lanes_that_cost_least():
     assert choose_lanes(np.array([190] + [27] * 279), 128, 1, 32) == 128  # lane subsets run the long one alone
     many_long = np.array([190] + [110, 100, 97, 93, 90, 90, 87, 84] + [27] * 291)  # 9 run past 128 lanes' end
