@@ -198,8 +198,8 @@ class Embedder:
         ``BiLM.from_pretrained``.
       model: an already loaded BiLM, or the path of any published model (``BiLM.from_pretrained``).
       batch_size: lanes, the sentences run side by side (default by device kind: 256 on a CPU, 128 for an LSTM of
-        over 1024 cells, 1024 per
-        accelerator); speed and memory only, the numbers do not depend on it. A short input uses fewer.
+        over 1024 cells, 1024 per accelerator); speed and memory only, the numbers do not depend on it. A short
+        input uses fewer.
       dtype: "float32" or "bfloat16" compute (outputs are float32 either way).
       devices: the devices whose mesh splits the lanes (default all local devices).
       vocab: words whose token vectors are computed once and kept (AllenNLP's vocab_to_cache).

@@ -48,7 +48,7 @@ from ..bilm import COMPUTE_DTYPES
 from ..char_cnn import long_tokens
 from ..options import BiLMOptions
 from ..sharding import by_batch as batch_sharding
-from ..sharding import data_mesh, varying_like
+from ..sharding import data_mesh, put_global, varying_like
 from ..sharding import replicated as replicated_sharding
 from .data import Batches, LMDataset, load_vocabulary
 from .loss import gather_softmax, init_train_params, initial_lm_state, softmax_candidates, train_loss
@@ -572,8 +572,8 @@ class Trainer:
         self.data_cursor: dict | None = None  # a restored cursor (Batches.get_state()) of the data stream
         self.vocab_char_ids = None
         if t.share_embedding_softmax:
-            self.vocab_char_ids = jax.device_put(self.vocab.char_ids(options.char_cnn.max_characters_per_token),
-                                                 replicated)
+            self.vocab_char_ids = put_global(self.vocab.char_ids(options.char_cnn.max_characters_per_token),
+                                             replicated)  # on a mesh over every process's devices too
         # ---- run dir
         self.run_dir = _prepare_run_dir(run_dir)
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
