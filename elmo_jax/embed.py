@@ -39,7 +39,7 @@ from . import char_cnn
 from .bilm import COMPUTE_DTYPES, BiLM, bilstm, initial_state, split_token_ids, stacked_lstm_params, token_embedding
 from .characters import TokenError
 from .lanes import (GatherPlan, Slots, Timeline, TokenTable, choose_lanes, drain_lanes, flat_token_ids, lane_subsets,
-                    widen)
+                    slot_steps, widen)
 from .options import BiLMOptions
 from .sharding import by_batch, data_mesh, replicated, round_up
 
@@ -637,7 +637,7 @@ class _Stream:
         lanes, n_devices = self.lanes, self.embedder.n_devices
         known = len(ahead) < LOOK_AHEAD_PER_LANE * self.lanes
         if known:  # the whole input is known: no more lanes than it fills,
-            steps = np.fromiter((len(s) + 2 for s in ahead if len(s) > 0), np.int64)
+            steps = slot_steps(np.fromiter((len(s) for s in ahead if len(s) > 0), np.int64))
             lanes = choose_lanes(steps, self.lanes, n_devices, self.embedder.block_steps,
                                  STEP_OVERHEAD_LANES.get(self.embedder.platform, self.lanes))
             window_size = max(1, len(ahead))  # and one window, longest first over all of it: the lanes end together
