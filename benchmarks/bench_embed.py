@@ -16,7 +16,8 @@ Three measurements (one JSON line each):
 
 Random weights at the published sizes come from ../shared/bench/make_weights.py (exact original layout);
 ``--size builtin`` is the model shipped in the package. "Peak" is a 2048 x 2048 float32 matmul measured in
-this process. FLOPs count the biLSTM for every token plus <S>/</S> (padding not counted) and, where
+this process. FLOPs count the biLSTM steps a sentence needs, each token plus one boundary per direction (<S>
+forward, </S> backward: the packed slots' ``n + 1`` steps; padding not counted), and, where
 reported, the char CNN + highway once per distinct token. On a GPU, ``--dtype both`` measures float32 and
 bfloat16 in one command, each against the matmul peak measured in its own dtype:
 
@@ -145,7 +146,7 @@ def model_benchmark(args, files, sentences, sentence_file) -> dict:
         passes.append(time.perf_counter() - start)
     seconds = min(passes)
     options, n_tokens = embedder.options, sum(map(len, sentences))
-    bilstm = lstm_flops(options) * (n_tokens + 2 * len(sentences))
+    bilstm = lstm_flops(options) * (n_tokens + len(sentences))
     distinct = len({t for s in sentences for t in s}) + 2
     result = {
         "what": "model, warm passes", "size": args.size, "device": jax.devices()[0].device_kind,
@@ -199,7 +200,7 @@ def whole_process_benchmark(args, files, sentences, sentence_file) -> dict:
             "peak_rss_mb": round(peak_rss_kb / 1024), "peak_rss_of": "the process (GNU time)" if found else
             "getrusage(RUSAGE_CHILDREN): at least this benchmark's own size",
             "file_mb": round(os.path.getsize(out) / 2**20, 1),
-            "bilstm_fraction_of_peak": round(lstm_flops(options) * (n_tokens + 2 * len(sentences)) / seconds / peak, 3),
+            "bilstm_fraction_of_peak": round(lstm_flops(options) * (n_tokens + len(sentences)) / seconds / peak, 3),
             "matmul_peak_gflops": round(peak / 1e9, 1),
         }
         if args.compare_allennlp or args.compare_tf or args.compare_efml:
