@@ -428,3 +428,23 @@ def test_stand_in_device_runs_the_host_side_only(tiny_model):
     out = list(embedder.embed_sentences(sentences))
     assert [a.shape for a in out] == [(3, len(s), 32) for s in sentences] and not any(a.any() for a in out)
     assert embedder.compilations == 0
+
+
+@pytest.mark.parametrize("tail, lanes_end_together", [(embed.TAIL_PER_LANE, True), (0, False)])
+def test_a_streams_last_sentences_are_packed_together_so_the_lanes_end_together(tiny_model, monkeypatch, tail,
+                                                                               lanes_end_together):
+    """A stream's last window holds every sentence read ahead (TAIL_PER_LANE a lane), longest first: it runs in
+    the fewest blocks its steps fill, give or take one. Placed 2 sentences a lane at a time like the windows
+    before it (tail 0), a long sentence near the end runs on alone for several blocks."""
+    monkeypatch.setattr(embed, "TAIL_PER_LANE", tail)
+    rng = np.random.default_rng(11)
+    lengths = np.where(rng.random(600) < 0.1, 60, rng.integers(1, 8, 600))  # a long sentence now and then
+    sentences = [[f"w{k}" for k in range(n)] for n in lengths]
+    embedder = Embedder(model=tiny_model, batch_size=8, block_steps=4)
+    stream = embed._Stream(embedder, sentences, 8, embed.TokenTable(64), allow_empty=False)
+    try:
+        blocks = [item for kind, item in stream if kind == "block"]
+    finally:
+        stream.stop()
+    fewest = -(-int(np.sum(lengths + 1)) // (8 * 4))
+    assert (len(blocks) <= fewest + 1) == lanes_end_together
