@@ -20,7 +20,9 @@ largest part of a start on CPU (~10 s here), is the same for all and the rest ca
 ``host-data``: host data time per step of one process that builds every row of the global batch, and of each of
 2 local processes (``jax.distributed``, one CPU device each) that build only their own rows: the time to build
 the batch (read, encode, copy) and to agree on the long-token bound (``trainer.long_token_bounds``, an
-all-gather between the processes), averaged over ``--batches`` batches after one; the 2 processes once with an
+all-gather between the processes), averaged over ``--batches`` batches after one; also the CPU time of building
+(``build_cpu_ms``: the building thread's own time, which a process waiting for a core shared with the other
+does not count; on separate hosts wall and CPU time agree); the 2 processes once with an
 all-gather a batch and once with one for ``--ahead`` batches, as the trainer does (``BoundedBatches``).
 ``--pin-cores`` puts each process on a core of its own (the one process on core 0), as separate hosts would be;
 without it the processes share the machine's cores with each other's runtime threads.
@@ -184,15 +186,16 @@ def host_data_worker(args) -> dict:
     data = LMDataset(os.path.join(args.corpus, "train", "*.txt"), vocab, args.batch, args.unroll, rows=rows)
     batches = data.batches()
     long_token_bounds([next(batches)])  # the first shard's read, the all-gather's compilation
-    build = agree = 0.0
+    build = agree = build_cpu = 0.0
     for first in range(0, args.batches, args.ahead):  # as the trainer's BoundedBatches: bounds for `ahead` at once
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         read = [next(batches) for _ in range(min(args.ahead, args.batches - first))]
         middle = time.perf_counter()
+        build_cpu += time.thread_time() - start_cpu
         long_token_bounds(read)
         build, agree = build + middle - start, agree + time.perf_counter() - middle
     result = {"process": jax.process_index(), "rows": len(rows), "ahead": args.ahead,
-              "build_ms": 1e3 * build / args.batches,
+              "build_ms": 1e3 * build / args.batches, "build_cpu_ms": 1e3 * build_cpu / args.batches,
               "bound_ms": 1e3 * agree / args.batches, "sentences_encoded": data.stats["sentences_encoded"]}
     if args.result:  # a file, not stdout: Gloo prints there from C++ and can split any line
         with open(args.result, "w") as f:
