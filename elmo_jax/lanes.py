@@ -171,8 +171,10 @@ def choose_lanes(steps: np.ndarray, max_lanes: int, multiple: int, block_steps: 
     costing its lanes (``lane_subsets``: only the busy ones run) plus ``step_overhead`` lanes' worth: reading
     the weights once, and few lanes' smaller matmuls. 32 fits the 2-core CPU: with the step times measured
     at 2x4096 (1 lane 7.7 ms, 32 lanes 46 ms, 128 lanes 127 ms) it picks the fastest lanes for 30, 100, 280,
-    300 and 900 sentences. Every sentence longer than the lanes' common end runs on past it in a smaller
-    block, so fewer lanes can pay: 300 held-out sentences, one of 188 tokens: 64 lanes, ~9% faster than 128.
+    300 and 900 sentences of ``sentences.txt``. Every sentence longer than the lanes' common end runs on past it
+    in a smaller block, so fewer lanes can pay: 300 held-out sentences, one of 188 tokens, get 32 lanes. A
+    model, not a measurement: there 64 lanes ran ~13% faster at 2x4096 (steps measured later at 1 to 128 lanes
+    cost 4.4, 8.5, 12.0, 17.1, 28.1, 44.3 and 82.8 ms, which no lanes-plus-a-constant cost fits throughout).
 
     Args:
       steps: (sentences,) ``slot_steps`` of each sentence; max_lanes: the most lanes; multiple: lanes are a multiple
