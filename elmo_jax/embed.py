@@ -40,6 +40,7 @@ from .bilm import COMPUTE_DTYPES, BiLM, bilstm, initial_state, split_token_ids, 
 from .characters import TokenError
 from .lanes import (GatherPlan, Slots, Timeline, TokenTable, choose_lanes, drain_lanes, flat_token_ids, lane_subsets,
                     slot_steps, widen)
+from .lstm import feature_major_kernels
 from .options import BiLMOptions
 from .sharding import by_batch, data_mesh, replicated, round_up
 
@@ -65,6 +66,13 @@ FUSE_MIN_LANES = 128  # on a CPU, fewer lanes per device run faster unfused when
 # at 2x4096 (64 MB a kernel) a (32, 1024) x (1024, 16384) matmul runs at 83 GFLOP/s against 201 for 64 rows, so 200
 # sentences on 32 lanes took 13.8 s fused and 7.0 s unfused, 300 on 64 lanes 8.3 and 7.4 s; 128 lanes: the same
 FUSE_ALWAYS_BYTES = 16 << 20  # a kernel this small always runs fused on a CPU (the built-in's 1 MB: ~2x faster)
+# On a CPU, a recurrent kernel (both directions) this large runs each step of a block of at least
+# FEATURE_MAJOR_MIN_LANES lanes a device feature-major (lstm.bidirectional_layer): a (2, 16384, 1024) x (2, 1024, L)
+# matmul runs far faster than (2, L, 1024) x (2, 1024, 16384) for few rows. One 2x4096 layer's step: 32 lanes
+# 9.0 ms against 16.6 ms (hoisted, the faster batch-major step there), 64 16.6 vs 24.5, 128 33.9 vs 41.0, but 1 lane
+# 3.6 vs 2.7; 2x2048_256 at 32 lanes 2.2 vs 3.2 ms, at 256 the same; the built-in's 2 MB at 256 lanes 0.9x.
+FEATURE_MAJOR_MIN_BYTES = 8 << 20
+FEATURE_MAJOR_MIN_LANES = 4
 RING_STEPS = 256  # steps of each lane's outputs kept on the device (doubled when a long sentence needs it)
 IN_FLIGHT = 2  # gathers dispatched ahead of the one being copied back
 DRAIN_MIN_BLOCKS = 4  # blocks on all lanes timed before a stream's end weighs compiling against running
@@ -121,13 +129,14 @@ def insert_tokens(params: dict, options: BiLMOptions, table: jax.Array, rows: ja
 
 def embed_block(params: dict, options: BiLMOptions, table: jax.Array, state, forward: jax.Array,
                 backward: jax.Array, reset: jax.Array, mask: jax.Array, mode: str = "all",
-                weights: jax.Array | None = None, fuse_inputs: bool = True):
+                weights: jax.Array | None = None, fuse_inputs: bool = True, feature_major: bool = False):
     """One block of the packed, stateless biLM.
 
     Args:
       table: (capacity, projection_dim) token vectors; forward, backward: (lanes, steps) int32 table rows,
       the backward LM's reversed within each sentence's slot; reset, mask: (lanes, steps) bool; state: BiLMState
-      of (lanes, ...) at the block's first step; fuse_inputs: see lstm.bidirectional_layer (the same numbers).
+      of (lanes, ...) at the block's first step; fuse_inputs, feature_major: see lstm.bidirectional_layer (the same
+      numbers).
     Returns:
       (lanes, steps, layers, 2 * projection_dim) for mode "all", else (lanes, steps, 2 * projection_dim), the
       last axis [forward at step t, backward at step t of the reversed slot]; and the state after the block.
@@ -137,7 +146,7 @@ def embed_block(params: dict, options: BiLMOptions, table: jax.Array, state, for
     layers = [token_layer(forward_x, backward_x, mask)]
     if mode != "token":  # the context-free layer needs no LSTM
         outputs, state = bilstm(params["lstm"], options, forward_x, mask, state, backward_x=backward_x, reset=reset,
-                               fuse_inputs=fuse_inputs)
+                               fuse_inputs=fuse_inputs, feature_major=feature_major)
         layers += outputs
     activations = _reduce_layers(jnp.stack(layers), mode, weights)  # ([layers,] lanes, steps, 2 * projection_dim)
     return (jnp.moveaxis(activations, 0, 2) if mode == "all" else activations), state
@@ -145,7 +154,7 @@ def embed_block(params: dict, options: BiLMOptions, table: jax.Array, state, for
 
 def write_block(params: dict, options: BiLMOptions, table: jax.Array, state, ring: jax.Array, first_step: jax.Array,
                 forward, backward, reset, mask, mode: str = "all", weights: jax.Array | None = None,
-                active: jax.Array | None = None, fuse_inputs: bool = True):
+                active: jax.Array | None = None, fuse_inputs: bool = True, feature_major: bool = False):
     """``embed_block``, its outputs written into the ring of recent steps.
 
     Args:
@@ -158,11 +167,12 @@ def write_block(params: dict, options: BiLMOptions, table: jax.Array, state, rin
     """
     if active is None:
         out, state = embed_block(params, options, table, state, forward, backward, reset, mask, mode, weights,
-                                 fuse_inputs)
+                                 fuse_inputs, feature_major)
         start = (0, first_step) + (0,) * (ring.ndim - 2)
         return state, jax.lax.dynamic_update_slice(ring, out.astype(ring.dtype), start)
     mine = jax.tree.map(lambda a: a[active], state)
-    out, mine = embed_block(params, options, table, mine, forward, backward, reset, mask, mode, weights, fuse_inputs)
+    out, mine = embed_block(params, options, table, mine, forward, backward, reset, mask, mode, weights, fuse_inputs,
+                            feature_major)
     state = jax.tree.map(lambda a, b: a.at[active].set(b), state, mine)
     steps = first_step + jnp.arange(forward.shape[1])
     return state, ring.at[active[:, None], steps[None, :]].set(out.astype(ring.dtype))
@@ -234,6 +244,12 @@ class Embedder:
         self.dtype, self.stand_in_device = COMPUTE_DTYPES[dtype], stand_in_device
         compute_params = jax.tree.map(lambda p: p.astype(self.dtype), model.params)
         compute_params["lstm"] = stacked_lstm_params(compute_params["lstm"])  # once, not in every block call
+        lstm = self.options.lstm
+        kernel_bytes = 2 * lstm.projection_dim * 4 * lstm.dim * np.dtype(self.dtype).itemsize
+        self._feature_major = self.platform == "cpu" and kernel_bytes >= FEATURE_MAJOR_MIN_BYTES
+        if self._feature_major:  # the transposed kernels too (2x4096: +300 MB), once
+            compute_params["lstm"]["stacked"] = [feature_major_kernels(layer)
+                                                 for layer in compute_params["lstm"]["stacked"]]
         self.params = jax.device_put(compute_params, replicated(self.mesh))
         self.short_chars = short_token_chars(self.options)
         self.compilations = 0  # programs traced so far (each jitted piece counts once per shape)
@@ -267,19 +283,22 @@ class Embedder:
                       *, mode):
         self.compilations += 1
         self._block_programs.add(_program_key(table, ring, forward.shape[0], mode))
-        # a CPU runs few lanes of a large model faster with the input half of the gates hoisted before the scan
+        # a CPU runs a large model's blocks feature-major, but for one lane or few, with the input half of the
+        # gates hoisted before the scan
         lstm = self.options.lstm
         kernel_bytes = 2 * lstm.projection_dim * 4 * lstm.dim * np.dtype(self.dtype).itemsize
-        fuse = (self.platform != "cpu" or forward.shape[0] // self.n_devices >= FUSE_MIN_LANES
+        per_device = forward.shape[0] // self.n_devices
+        feature_major = self._feature_major and per_device >= FEATURE_MAJOR_MIN_LANES
+        fuse = (feature_major or self.platform != "cpu" or per_device >= FUSE_MIN_LANES
                 or kernel_bytes <= FUSE_ALWAYS_BYTES)
         if active is None:
             return write_block(params, self.options, table, state, ring, first_step, forward, backward, reset, mask,
-                               mode, weights, None, fuse)
+                               mode, weights, None, fuse, feature_major)
 
         def local(params, table, state, ring, first_step, forward, backward, reset, mask, weights, active):
             # each device runs its own part of the active lanes (Timeline lists them device by device)
             return write_block(params, self.options, table, state, ring, first_step, forward, backward, reset, mask,
-                               mode, weights, active % ring.shape[0], fuse)
+                               mode, weights, active % ring.shape[0], fuse, feature_major)
 
         lanes, same = PartitionSpec("data"), PartitionSpec()
         in_specs = (same, same, lanes, lanes, same, lanes, lanes, lanes, lanes, same, lanes)

@@ -9,7 +9,9 @@ backward pass at its own last token. An optional reset flag zeroes (h, c) before
 (``embed.py``) run many sentences back to back in one row and reset at each sentence's first step.
 The input half of the gates is computed for all time steps in one matmul before the scan, and the scan
 does only the recurrent half; or, ``fuse_inputs``, each step does ``[x, h_prev] @ kernel`` as one matmul, as
-TF's LSTMCell does (faster for inference on a CPU with many rows).
+TF's LSTMCell does (faster for inference on a CPU with many rows); or, ``feature_major``, the same one matmul
+with states and gates laid out (features, batch): ``kernel^T @ [x; h_prev]``, the weight the left operand, which
+a CPU's GEMM runs up to ~1.8x faster for a large kernel and few rows.
 """
 
 from __future__ import annotations
@@ -55,6 +57,20 @@ def split_kernel(params: dict) -> dict:
             "recurrent_kernel": kernel[..., -projection_dim:, :]}
 
 
+def feature_major_kernels(params: dict) -> dict:
+    """``split_kernel``'s params (e.g. ``stack_directions``') -> the same plus "kernel_t" (..., 4 * dim, in_dim +
+    projection_dim) and "projection_t" (..., projection_dim, dim): the whole kernel and the projection transposed,
+    for ``bidirectional_layer(feature_major=True)``. numpy in, numpy out: done once, outside jit (a transpose inside
+    a jitted call copies the kernel on every call)."""
+    if all(isinstance(params[k], np.ndarray) for k in ("input_kernel", "recurrent_kernel", "projection")):
+        kernel = np.concatenate([params["input_kernel"], params["recurrent_kernel"]], axis=-2)
+        return {**params, "kernel_t": np.ascontiguousarray(np.swapaxes(kernel, -1, -2)),
+                "projection_t": np.ascontiguousarray(np.swapaxes(params["projection"], -1, -2))}
+    kernel = jnp.concatenate([params["input_kernel"], params["recurrent_kernel"]], axis=-2)
+    return {**params, "kernel_t": jnp.swapaxes(kernel, -1, -2),
+            "projection_t": jnp.swapaxes(params["projection"], -1, -2)}
+
+
 def _input_kernel(params: dict, in_dim: int) -> jax.Array:
     return params["input_kernel"] if "input_kernel" in params else params["kernel"][..., :in_dim, :]
 
@@ -79,26 +95,34 @@ def lstm_step(params: dict, state: LSTMState, inputs: tuple, *, cell_clip, proj_
     ``params`` holds the whole "kernel" (..., in_dim + projection_dim, 4 * dim) and "bias", inputs[0] is the
     layer input x (..., batch, in_dim) and the step computes its gates as ``[x, h_prev] @ kernel + bias``
     (``bidirectional_layer(fuse_inputs=True)``); otherwise ``params["recurrent_kernel"]`` (..., projection_dim,
-    4 * dim) and the gates are ``x_gates + h_prev @ recurrent_kernel``.
+    4 * dim) and the gates are ``x_gates + h_prev @ recurrent_kernel``. With "kernel_t", "bias" and
+    "projection_t" (``feature_major_kernels``) everything is feature-major: x (..., in_dim, batch), state h
+    (..., projection_dim, batch) and c (..., dim, batch), gates ``kernel_t @ [x; h_prev] + bias``, and h out
+    (..., projection_dim, batch); mask and reset stay (..., batch).
 
     params["projection"]: (..., dim, projection_dim). Leading axes (e.g. two stacked directions) broadcast through.
     """
     x, mask, *reset = inputs
+    feature_major = "kernel_t" in params
+    per_row = (lambda a: a[..., None, :]) if feature_major else (lambda a: a[..., None])  # (..., batch) broadcast
     if reset:
-        keep_state = jnp.logical_not(reset[0])[..., None]
+        keep_state = per_row(jnp.logical_not(reset[0]))
         state = LSTMState(h=jnp.where(keep_state, state.h, 0), c=jnp.where(keep_state, state.c, 0))
-    if "kernel" in params:
+    if feature_major:
+        gates = params["kernel_t"] @ jnp.concatenate([x, state.h], axis=-2) + params["bias"][..., :, None]
+    elif "kernel" in params:
         gates = jnp.concatenate([x, state.h], axis=-1) @ params["kernel"] + params["bias"][..., None, :]
     else:
         gates = x + state.h @ params["recurrent_kernel"]
-    i, j, f, o = jnp.split(gates, 4, axis=-1)
+    i, j, f, o = jnp.split(gates, 4, axis=-2 if feature_major else -1)
     c = jax.nn.sigmoid(f + FORGET_BIAS) * state.c + jax.nn.sigmoid(i) * jnp.tanh(j)
     if cell_clip is not None:
         c = jnp.clip(c, -cell_clip, cell_clip)
-    h = (jax.nn.sigmoid(o) * jnp.tanh(c)) @ params["projection"]
+    cell_out = jax.nn.sigmoid(o) * jnp.tanh(c)
+    h = params["projection_t"] @ cell_out if feature_major else cell_out @ params["projection"]
     if proj_clip is not None:
         h = jnp.clip(h, -proj_clip, proj_clip)
-    keep = mask[..., None]
+    keep = per_row(mask)
     new_state = LSTMState(h=jnp.where(keep, h, state.h), c=jnp.where(keep, c, state.c))
     return new_state, jnp.where(keep, h, jnp.zeros_like(h))
 
@@ -143,7 +167,8 @@ def stack_directions(forward: dict, backward: dict) -> dict:
 
 def bidirectional_layer(layer: dict, xs: tuple[jax.Array, jax.Array], mask: jax.Array,
                         state: tuple[LSTMState, LSTMState], *, cell_clip=None, proj_clip=None,
-                        backward_aligned: bool = False, reset: jax.Array | None = None, fuse_inputs: bool = False):
+                        backward_aligned: bool = False, reset: jax.Array | None = None, fuse_inputs: bool = False,
+                        feature_major: bool = False):
     """Forward and backward directions of one layer in a single scan.
 
     The two directions' weights are stacked on a leading axis (``stack_directions``, done once by the
@@ -166,6 +191,10 @@ def bidirectional_layer(layer: dict, xs: tuple[jax.Array, jax.Array], mask: jax.
         instead of the input half for all steps before the scan. The same numbers (to float rounding); on a
         CPU faster for inference with 64 rows or more (the hoisted gates are a (2, batch, time, 4 * dim)
         buffer written, transposed and read again), slower with few.
+      feature_major: the fused step with states and gates as (features, batch) inside the scan (see
+        ``lstm_step``; ``layer`` may hold ``feature_major_kernels``' transposed weights, else they are transposed
+        here). The same numbers (to float rounding); on a 2-core CPU, 2x4096 at 32 rows a step 1.8x faster than
+        the fastest batch-major step, 1.2x at 128; 0.9x for the built-in model's small kernel at 256 rows.
     Returns:
       (forward ys, backward ys), each (batch, time, projection_dim), and (forward state, backward state).
     Same as: lstm_layer(forward, xs[0], ...) and lstm_layer(backward, xs[1], ..., reverse=True).
@@ -175,7 +204,13 @@ def bidirectional_layer(layer: dict, xs: tuple[jax.Array, jax.Array], mask: jax.
     masks = jnp.stack([mask, flip(mask)])  # (2, batch, time)
     state = varying_like(jax.tree.map(lambda a, b: jnp.stack([a, b]), state[0], state[1]), inputs)
     step_params = _recurrent_params(layer, inputs.shape[-1])
-    if fuse_inputs:  # the whole kernel, put together once a call, not once a step
+    if feature_major:
+        if "kernel_t" not in layer:
+            layer = feature_major_kernels(layer)
+        step_params = {"kernel_t": layer["kernel_t"], "bias": layer["bias"], "projection_t": layer["projection_t"]}
+        scanned = (jnp.transpose(inputs, (2, 0, 3, 1)),)  # (time, 2, in_dim, batch)
+        state = LSTMState(state.h.swapaxes(-1, -2), state.c.swapaxes(-1, -2))  # (2, features, batch)
+    elif fuse_inputs:  # the whole kernel, put together once a call, not once a step
         kernel = jnp.concatenate([_input_kernel(layer, inputs.shape[-1]), step_params.pop("recurrent_kernel")], -2)
         step_params.update(kernel=kernel, bias=layer["bias"])
         scanned = (jnp.moveaxis(inputs, 2, 0),)  # time-major: (time, 2, batch, in_dim)
@@ -186,6 +221,10 @@ def bidirectional_layer(layer: dict, xs: tuple[jax.Array, jax.Array], mask: jax.
         scanned += (jnp.moveaxis(jnp.stack([reset, flip(reset)]), 2, 0),)
     step = functools.partial(lstm_step, step_params, cell_clip=cell_clip, proj_clip=proj_clip)
     state, ys = jax.lax.scan(step, state, scanned)
-    ys = jnp.moveaxis(ys, 0, 2)  # (2, batch, time, projection_dim)
+    if feature_major:
+        ys = jnp.transpose(ys, (1, 3, 0, 2))  # (time, 2, projection_dim, batch) -> (2, batch, time, projection_dim)
+        state = LSTMState(state.h.swapaxes(-1, -2), state.c.swapaxes(-1, -2))
+    else:
+        ys = jnp.moveaxis(ys, 0, 2)  # (2, batch, time, projection_dim)
     states = (LSTMState(state.h[0], state.c[0]), LSTMState(state.h[1], state.c[1]))
     return (ys[0], flip(ys[1])), states

@@ -448,3 +448,26 @@ def test_a_streams_last_sentences_are_packed_together_so_the_lanes_end_together(
         stream.stop()
     fewest = -(-int(np.sum(lengths + 1)) // (8 * 4))
     assert (len(blocks) <= fewest + 1) == lanes_end_together
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_feature_major_blocks_keep_the_numbers(tiny_model, expected, monkeypatch, devices):
+    """A large model's blocks run feature-major on a CPU (forced here for the tiny model): blocks of 8 lanes run so,
+    the long sentence's last blocks on one lane (fewer than FEATURE_MAJOR_MIN_LANES) hoist the input gates; the
+    vectors are the loop reference's."""
+    assert not Embedder(model=tiny_model)._feature_major  # its kernel is small
+    monkeypatch.setattr(embed, "FEATURE_MAJOR_MIN_BYTES", 0)
+    monkeypatch.setattr(embed, "choose_lanes", lambda steps, max_lanes, *args: max_lanes)  # 8 lanes, then 1
+    sentences, want = expected
+    long = list(np.random.default_rng(9).choice(WORDS, size=90))
+    sentences, want = sentences + [long], want + [reference.bilm_sentence(tiny_model.params, tiny_model.options,
+                                                                          long)[:, 1:-1]]
+    if len(jax.devices()) < devices:
+        pytest.skip(f"needs {devices} devices")
+    embedder = Embedder(model=tiny_model, batch_size=8 * devices, block_steps=4, devices=jax.devices()[:devices])
+    assert embedder._feature_major and "kernel_t" in embedder.params["lstm"]["stacked"][0]
+    got = list(embedder.embed_sentences(sentences))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    lanes_run = {key[3] // devices for key in embedder._block_programs}  # lanes a device
+    assert max(lanes_run) >= embed.FEATURE_MAJOR_MIN_LANES > min(lanes_run)

@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elmo_jax.lstm import LSTMState, bidirectional_layer, lstm_layer, stack_directions, zero_state
+from elmo_jax.lstm import (LSTMState, bidirectional_layer, feature_major_kernels, lstm_layer, stack_directions,
+                           zero_state)
 from tests.reference import lstm_run
 
 BATCH, TIME, IN, DIM, PROJ = 3, 7, 5, 6, 5
@@ -50,13 +51,21 @@ def test_initial_state_is_used():
     np.testing.assert_allclose(ys[0], expected, atol=1e-5)
 
 
-def test_bidirectional_layer_equals_two_layers():
+@pytest.mark.parametrize("fuse_inputs, feature_major, precomputed", [
+    (False, False, False), (True, False, False), (True, True, False), (False, True, True)])
+def test_bidirectional_layer_equals_two_layers(fuse_inputs, feature_major, precomputed):
+    """Every step layout (input half hoisted; [x, h] @ kernel; kernel^T @ [x; h] feature-major, its transposed
+    weights made here or beforehand) gives two lstm_layers' numbers."""
     forward, backward = _params(jax.random.key(0)), _params(jax.random.key(5))
     xs, mask, _ = _inputs()
     xs_back = xs * 2.0
     state = (zero_state(BATCH, DIM, PROJ), LSTMState(jnp.ones((BATCH, PROJ)) * 0.1, jnp.ones((BATCH, DIM)) * 0.1))
-    (fw, bw), (fs, bs) = bidirectional_layer(stack_directions(forward, backward), (xs, xs_back), mask, state,
-                                             cell_clip=1.0)
+    layer = stack_directions(forward, backward)
+    if precomputed:
+        layer = feature_major_kernels(layer)
+        assert layer["kernel_t"].shape == (2, 4 * DIM, IN + PROJ) and layer["projection_t"].shape == (2, PROJ, DIM)
+    (fw, bw), (fs, bs) = bidirectional_layer(layer, (xs, xs_back), mask, state, cell_clip=1.0,
+                                             fuse_inputs=fuse_inputs, feature_major=feature_major)
     fw_ref, fs_ref = lstm_layer(forward, xs, mask, state[0], cell_clip=1.0)
     bw_ref, bs_ref = lstm_layer(backward, xs_back, mask, state[1], cell_clip=1.0, reverse=True)
     for a, b in [(fw, fw_ref), (bw, bw_ref), (fs.h, fs_ref.h), (fs.c, fs_ref.c), (bs.h, bs_ref.h), (bs.c, bs_ref.c)]:
@@ -78,3 +87,19 @@ def test_backward_aligned_equals_flipped_time_axis():
     for r, n in enumerate(lengths):
         np.testing.assert_allclose(bw_a[r, :n][::-1], bw[r, :n], atol=1e-6)
         np.testing.assert_array_equal(bw_a[r, n:], 0.0)
+
+
+@pytest.mark.parametrize("fuse_inputs, feature_major", [(True, False), (True, True)])
+def test_step_layouts_agree_through_resets(fuse_inputs, feature_major):
+    """Packed lanes (backward_aligned, reset flags): the fused and feature-major steps give the hoisted step's
+    numbers, state included."""
+    layer = stack_directions(_params(jax.random.key(0)), _params(jax.random.key(5)))
+    xs, mask, _ = _inputs()
+    reset = jnp.asarray(np.arange(TIME)[None, :] % 3 == np.arange(BATCH)[:, None])  # a new sentence every 3 steps
+    state = (LSTMState(jnp.ones((BATCH, PROJ)) * 0.2, jnp.ones((BATCH, DIM)) * -0.3), zero_state(BATCH, DIM, PROJ))
+    args = (layer, (xs, xs * 0.5), mask, state)
+    want = bidirectional_layer(*args, cell_clip=1.0, proj_clip=0.8, backward_aligned=True, reset=reset)
+    got = bidirectional_layer(*args, cell_clip=1.0, proj_clip=0.8, backward_aligned=True, reset=reset,
+                              fuse_inputs=fuse_inputs, feature_major=feature_major)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
