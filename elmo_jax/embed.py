@@ -69,10 +69,11 @@ FUSE_ALWAYS_BYTES = 16 << 20  # a kernel this small always runs fused on a CPU (
 # On a CPU, a recurrent kernel (both directions) this large runs each step of a block of at least
 # FEATURE_MAJOR_MIN_LANES lanes a device feature-major (lstm.bidirectional_layer): a (2, 16384, 1024) x (2, 1024, L)
 # matmul runs far faster than (2, L, 1024) x (2, 1024, 16384) for few rows. One 2x4096 layer's step: 32 lanes
-# 9.0 ms against 16.6 ms (hoisted, the faster batch-major step there), 64 16.6 vs 24.5, 128 33.9 vs 41.0, but 1 lane
-# 3.6 vs 2.7; 2x2048_256 at 32 lanes 2.2 vs 3.2 ms, at 256 the same; the built-in's 2 MB at 256 lanes 0.9x.
+# 9.0 ms against 16.6 ms (hoisted, the faster batch-major step there), 64 16.6 vs 24.5, 128 33.9 vs 41.0; a whole
+# 2x4096 block a step: 8 lanes 11.3-11.7 ms vs 12.4-14.3, but 4 lanes 10.3-11.3 vs 8.1-8.9 (hoisted); 2x2048_256 at
+# 32 lanes 2.2 vs 3.2 ms a layer, at 256 the same; the built-in's 2 MB at 256 lanes 0.9x.
 FEATURE_MAJOR_MIN_BYTES = 8 << 20
-FEATURE_MAJOR_MIN_LANES = 4
+FEATURE_MAJOR_MIN_LANES = 8
 RING_STEPS = 256  # steps of each lane's outputs kept on the device (doubled when a long sentence needs it)
 IN_FLIGHT = 2  # gathers dispatched ahead of the one being copied back
 DRAIN_MIN_BLOCKS = 4  # blocks on all lanes timed before a stream's end weighs compiling against running
