@@ -173,8 +173,10 @@ def choose_lanes(steps: np.ndarray, max_lanes: int, multiple: int, block_steps: 
     at 2x4096 (1 lane 7.7 ms, 32 lanes 46 ms, 128 lanes 127 ms) it picks the fastest lanes for 30, 100, 280,
     300 and 900 sentences of ``sentences.txt``. Every sentence longer than the lanes' common end runs on past it
     in a smaller block, so fewer lanes can pay: 300 held-out sentences, one of 188 tokens, get 32 lanes. A
-    model, not a measurement: there 64 lanes ran ~13% faster at 2x4096 (steps measured later at 1 to 128 lanes
-    cost 4.4, 8.5, 12.0, 17.1, 28.1, 44.3 and 82.8 ms, which no lanes-plus-a-constant cost fits throughout).
+    model, not a measurement: no lanes-plus-a-constant cost fits a CPU's steps throughout. At 2x4096 with
+    feature-major steps (1 to 128 lanes: 4.6, 8.5, 10.8, 13.6, 18.1, 33.6, 68.4 ms) it picks the fastest lanes
+    for 300 held-out and 300 ``sentences.txt`` sentences, and 128 where 64 would be up to ~13% faster for 900
+    held-out ones; with the batch-major steps before them, 64 lanes ran those 300 held-out ~13% faster.
 
     Args:
       steps: (sentences,) ``slot_steps`` of each sentence; max_lanes: the most lanes; multiple: lanes are a multiple
