@@ -215,7 +215,9 @@ class Embedder:
       dtype: "float32" or "bfloat16" compute (outputs are float32 either way).
       devices: the devices whose mesh splits the lanes (default all local devices).
       vocab: words whose token vectors are computed once and kept (AllenNLP's vocab_to_cache).
-      block_steps: time steps per compiled biLSTM block (default 32 on a CPU, 64 elsewhere).
+      block_steps: time steps per compiled biLSTM block (default 32 on a CPU, 64 elsewhere). On a CPU a large
+        LSTM's blocks (kernels of FEATURE_MAJOR_MIN_BYTES or more) run feature-major, its transposed kernels kept
+        beside the others (lstm.bidirectional_layer; +300 MB at 2x4096).
       stand_in_device: replace every device computation by zeros, to time the host side alone
         (``benchmarks/bench_embed.py --host-only``); the outputs are then meaningless.
     """
