@@ -247,9 +247,9 @@ class Embedder:
         self.dtype, self.stand_in_device = COMPUTE_DTYPES[dtype], stand_in_device
         compute_params = jax.tree.map(lambda p: p.astype(self.dtype), model.params)
         compute_params["lstm"] = stacked_lstm_params(compute_params["lstm"])  # once, not in every block call
-        lstm = self.options.lstm
-        kernel_bytes = 2 * lstm.projection_dim * 4 * lstm.dim * np.dtype(self.dtype).itemsize
-        self._feature_major = self.platform == "cpu" and kernel_bytes >= FEATURE_MAJOR_MIN_BYTES
+        lstm = self.options.lstm  # both directions' recurrent kernels:
+        self._kernel_bytes = 2 * lstm.projection_dim * 4 * lstm.dim * np.dtype(self.dtype).itemsize
+        self._feature_major = self.platform == "cpu" and self._kernel_bytes >= FEATURE_MAJOR_MIN_BYTES
         if self._feature_major:  # the transposed kernels too (2x4096: +300 MB), once
             compute_params["lstm"]["stacked"] = [feature_major_kernels(layer)
                                                  for layer in compute_params["lstm"]["stacked"]]
@@ -288,12 +288,10 @@ class Embedder:
         self._block_programs.add(_program_key(table, ring, forward.shape[0], mode))
         # a CPU runs a large model's blocks feature-major, but for one lane or few, with the input half of the
         # gates hoisted before the scan
-        lstm = self.options.lstm
-        kernel_bytes = 2 * lstm.projection_dim * 4 * lstm.dim * np.dtype(self.dtype).itemsize
         per_device = forward.shape[0] // self.n_devices
         feature_major = self._feature_major and per_device >= FEATURE_MAJOR_MIN_LANES
         fuse = (feature_major or self.platform != "cpu" or per_device >= FUSE_MIN_LANES
-                or kernel_bytes <= FUSE_ALWAYS_BYTES)
+                or self._kernel_bytes <= FUSE_ALWAYS_BYTES)
         if active is None:
             return write_block(params, self.options, table, state, ring, first_step, forward, backward, reset, mask,
                                mode, weights, None, fuse, feature_major)

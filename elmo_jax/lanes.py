@@ -42,6 +42,12 @@ def slot_steps(lengths: np.ndarray) -> np.ndarray:
     return np.asarray(lengths, np.int64) + 1
 
 
+def within(counts: np.ndarray) -> np.ndarray:
+    """(groups,) counts -> (sum(counts),) each item's position within its group: [0, 1, .., counts[0] - 1, 0, ..]."""
+    counts = np.asarray(counts, np.int64)
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 class Slots(NamedTuple):
     """Where a window's sentences run. index: (sentences,) their positions in the input; lane, start:
     (sentences,) their lane and first step (<S>); length: (sentences,) their tokens, without <S> and </S>."""
@@ -216,8 +222,7 @@ def slot_rows(token_rows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, 
     backward = np.empty(slot_offsets[-1], np.int32)
     forward[first], backward[first] = BOS_ROW, EOS_ROW
     # token j of a sentence of n tokens: forward at its slot's step 1 + j, backward at step n - j
-    token_offsets = np.concatenate([[0], np.cumsum(lengths)])
-    j = np.arange(len(token_rows)) - np.repeat(token_offsets[:-1], lengths)
+    j = within(lengths)
     slot = np.repeat(first, lengths)
     forward[slot + 1 + j] = token_rows
     backward[slot + np.repeat(lengths, lengths) - j] = token_rows
@@ -249,8 +254,7 @@ class Timeline:
         self._grow(int(self.free.max()) - self.base)
         forward, backward = slot_rows(token_rows, lengths)
         lane_of_step = np.repeat(lane, steps)
-        slot_offsets = np.concatenate([[0], np.cumsum(steps)])
-        step = np.repeat(start - slot_offsets[:-1] - self.base, steps) + np.arange(slot_offsets[-1])
+        step = np.repeat(start - self.base, steps) + within(steps)
         self.forward[lane_of_step, step] = forward
         self.backward[lane_of_step, step] = backward
         self.mask[lane_of_step, step] = True
@@ -423,8 +427,7 @@ class GatherPlan:
         """
         lengths = slots.length
         total = int(lengths.sum())
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        j = np.arange(total) - np.repeat(offsets[:-1], lengths)  # token position within its sentence
+        j = within(lengths)  # token position within its sentence
         base = np.repeat(slots.lane * self.steps, lengths)
         start = np.repeat(slots.start, lengths)
         padded = max(rows, -(-total // rows) * rows)

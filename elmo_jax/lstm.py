@@ -62,13 +62,11 @@ def feature_major_kernels(params: dict) -> dict:
     projection_dim) and "projection_t" (..., projection_dim, dim): the whole kernel and the projection transposed,
     for ``bidirectional_layer(feature_major=True)``. numpy in, numpy out: done once, outside jit (a transpose inside
     a jitted call copies the kernel on every call)."""
-    if all(isinstance(params[k], np.ndarray) for k in ("input_kernel", "recurrent_kernel", "projection")):
-        kernel = np.concatenate([params["input_kernel"], params["recurrent_kernel"]], axis=-2)
-        return {**params, "kernel_t": np.ascontiguousarray(np.swapaxes(kernel, -1, -2)),
-                "projection_t": np.ascontiguousarray(np.swapaxes(params["projection"], -1, -2))}
-    kernel = jnp.concatenate([params["input_kernel"], params["recurrent_kernel"]], axis=-2)
-    return {**params, "kernel_t": jnp.swapaxes(kernel, -1, -2),
-            "projection_t": jnp.swapaxes(params["projection"], -1, -2)}
+    names = ("input_kernel", "recurrent_kernel", "projection")
+    xp = np if all(isinstance(params[k], np.ndarray) for k in names) else jnp
+    kernel = xp.concatenate([params["input_kernel"], params["recurrent_kernel"]], axis=-2)
+    return {**params, "kernel_t": xp.swapaxes(kernel, -1, -2),
+            "projection_t": xp.swapaxes(params["projection"], -1, -2)}
 
 
 def _input_kernel(params: dict, in_dim: int) -> jax.Array:
