@@ -1,7 +1,7 @@
 """Resume and per-host data costs of training on real text.
 
     python benchmarks/bench_resume.py resume --corpus /tmp/corpus --at 10 5000
-    python benchmarks/bench_resume.py host-data --corpus /tmp/corpus --batch 64 --unroll 20 --batches 768 [--pin-cores]
+    python benchmarks/bench_resume.py host-data --corpus /tmp/corpus --batch 64 --unroll 20 --batches 768 [--pin-cores] [--beside]
 
 ``resume``: trains a tiny biLM (2 layers of 64 cells, projection 16, a small char CNN; batch 64 x 20 tokens,
 the corpus's own vocabulary) on CORPUS/train/*.txt for real for ``--train-steps`` steps (default: the smallest
@@ -26,6 +26,9 @@ does not count; on separate hosts wall and CPU time agree); the 2 processes once
 all-gather a batch and once with one for ``--ahead`` batches, as the trainer does (``BoundedBatches``).
 ``--pin-cores`` puts each process on a core of its own (the one process on core 0), as separate hosts would be;
 without it the processes share the machine's cores with each other's runtime threads.
+``--beside`` adds a control: two independent one-process runs side by side, each building every row, so that one
+process's time is also measured while the other core is busy too; two processes of one run are compared with it
+to separate what the split saves from what running both cores at once costs on the machine.
 
 Each prints one JSON line.
 """
@@ -217,9 +220,12 @@ def host_data_main(args) -> dict:
     if args.pin_cores and not shutil.which("taskset"):
         raise SystemExit("--pin-cores needs taskset (util-linux)")
     scratch = tempfile.mkdtemp(prefix="bench_host_data_")
-    for n, ahead in ((1, 1), (2, 1), (2, args.ahead)):
+    # (processes launched side by side, processes in the run, ahead): the last is the control, two independent
+    # one-process runs at once, so one process's time is also taken with both cores busy, as the 2 processes' is
+    configs = [(1, 1, 1), (2, 2, 1), (2, 2, args.ahead)] + ([(2, 1, 1)] if args.beside else [])
+    for launch, n, ahead in configs:
         port, launched = _free_port(), []
-        for index in range(n):
+        for index in range(launch):
             env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(2 // n)}
             if n > 1:
                 env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
@@ -237,7 +243,7 @@ def host_data_main(args) -> dict:
                 raise SystemExit(f"host-data worker failed: {err.strip().splitlines()[-1:]}")
             with open(os.path.join(scratch, f"{index}.json")) as f:
                 workers.append(json.load(f))
-        name = f"{n}_process" + ("" if ahead == 1 else f"_bounds_{ahead}_ahead")
+        name = f"{n}_process" + ("" if ahead == 1 else f"_bounds_{ahead}_ahead") + ("_beside_another" * (launch > n))
         result[name] = [{k: round(v, 3) if isinstance(v, float) else v for k, v in w.items()} for w in workers]
     shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(result))
@@ -267,6 +273,9 @@ def main(argv=None) -> dict:
         p.add_argument("--result", help=argparse.SUPPRESS if name == "host-data" else "write the result here")
         p.add_argument("--pin-cores", action="store_true",
                        help="each process on a core of its own (taskset), as hosts of their own would be")
+        p.add_argument("--beside", action="store_true",
+                       help="also time one process building every row while a second, independent one does the same "
+                       "(both cores busy, as in the 2-process run)")
         p.set_defaults(func=host_data_main if name == "host-data" else host_data_worker)
     args = parser.parse_args(argv)
     if getattr(args, "ahead", 0) is None:

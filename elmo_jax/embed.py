@@ -62,6 +62,10 @@ WINDOW_PER_LANE = 2  # sentences read and packed at a time, per lane
 LOOK_AHEAD_PER_LANE = 8  # sentences read first: an input shorter than this is packed at once (choose_lanes)
 TAIL_PER_LANE = 4  # sentences a lane read ahead of the window being placed: a stream's last window holds them all
 STEP_OVERHEAD_LANES = {"cpu": 32}  # a step's fixed cost in lanes (choose_lanes); elsewhere all lanes (not measured)
+# a feature-major step's (below): a whole 2x4096 block step by lanes 1, 4, 8, 16, 32, 64, 128 took 4.6, 8.5 (hoisted),
+# 10.8, 13.6, 18.1, 33.6, 68.4 ms, about lanes + 8 at ~0.5 ms a lane; with 32, 900 held-out sentences got 128 lanes,
+# where 64 ran ~13% faster (simulated from those step times)
+FEATURE_MAJOR_STEP_OVERHEAD_LANES = 8
 FUSE_MIN_LANES = 128  # on a CPU, fewer lanes per device run faster unfused when the kernel outgrows the cache:
 # at 2x4096 (64 MB a kernel) a (32, 1024) x (1024, 16384) matmul runs at 83 GFLOP/s against 201 for 64 rows, so 200
 # sentences on 32 lanes took 13.8 s fused and 7.0 s unfused, 300 on 64 lanes 8.3 and 7.4 s; 128 lanes: the same
@@ -273,6 +277,13 @@ class Embedder:
         self._table_lock = threading.Lock()  # one stream at a time uses (and extends) the shared table
         self._table = self._fill(self._table, 0, self._tokens.tokens)
 
+    def step_overhead_lanes(self, lanes: int) -> float:
+        """A block step's fixed cost in lanes' worth (``choose_lanes``, ``drain_lanes``): on a CPU 32
+        (STEP_OVERHEAD_LANES), 8 where the blocks run feature-major; elsewhere ``lanes`` (not measured)."""
+        if self.platform not in STEP_OVERHEAD_LANES:
+            return lanes
+        return FEATURE_MAJOR_STEP_OVERHEAD_LANES if self._feature_major else STEP_OVERHEAD_LANES[self.platform]
+
     # ----- jitted pieces (each traced once per shape) -----
     def _traced_insert(self, params, table, rows, char_ids):
         self.compilations += 1  # runs once per compilation, not per call
@@ -433,7 +444,7 @@ class Embedder:
         subsets = lane_subsets(part)
         compiled = {n for n in subsets
                     if _program_key(table, ring, n * self.n_devices, mode) in self._block_programs}
-        overhead = STEP_OVERHEAD_LANES.get(self.platform, part)
+        overhead = self.step_overhead_lanes(part)
         compile_seconds = max(self._block_compile_seconds, DRAIN_MIN_COMPILE_SECONDS)
         return drain_lanes(counts, subsets, compiled, overhead, compile_seconds / block_seconds)
 
@@ -660,7 +671,7 @@ class _Stream:
         if known:  # the whole input is known: no more lanes than it fills,
             steps = slot_steps(np.fromiter((len(s) for s in ahead if len(s) > 0), np.int64))
             lanes = choose_lanes(steps, self.lanes, n_devices, self.embedder.block_steps,
-                                 STEP_OVERHEAD_LANES.get(self.embedder.platform, self.lanes))
+                                 self.embedder.step_overhead_lanes(self.lanes))
             window_size = max(1, len(ahead))  # and one window, longest first over all of it: the lanes end together
         self._put("lanes", lanes)
         # blocks where few lanes are busy run only those (a short input, the end of any input)

@@ -179,10 +179,11 @@ def choose_lanes(steps: np.ndarray, max_lanes: int, multiple: int, block_steps: 
     at 2x4096 (1 lane 7.7 ms, 32 lanes 46 ms, 128 lanes 127 ms) it picks the fastest lanes for 30, 100, 280,
     300 and 900 sentences of ``sentences.txt``. Every sentence longer than the lanes' common end runs on past it
     in a smaller block, so fewer lanes can pay: 300 held-out sentences, one of 188 tokens, get 32 lanes. A
-    model, not a measurement: no lanes-plus-a-constant cost fits a CPU's steps throughout. At 2x4096 with
-    feature-major steps (1 to 128 lanes: 4.6, 8.5, 10.8, 13.6, 18.1, 33.6, 68.4 ms) it picks the fastest lanes
-    for 300 held-out and 300 ``sentences.txt`` sentences, and 128 where 64 would be up to ~13% faster for 900
-    held-out ones; with the batch-major steps before them, 64 lanes ran those 300 held-out ~13% faster.
+    model, not a measurement: no lanes-plus-a-constant cost fits a CPU's steps throughout. Feature-major steps
+    cost less beside their lanes (at 2x4096, 1 to 128 lanes: 4.6, 8.5, 10.8, 13.6, 18.1, 33.6, 68.4 ms), so the
+    Embedder gives those 8 (``Embedder.step_overhead_lanes``): simulated from those step times it then picks the
+    fastest lanes for 300 and 900 held-out and ``sentences.txt`` sentences, and for 2,500 128 lanes within 2% of
+    64's time (with 32: 128 lanes for 900, ~13% slower than 64).
 
     Args:
       steps: (sentences,) ``slot_steps`` of each sentence; max_lanes: the most lanes; multiple: lanes are a multiple
