@@ -1,7 +1,7 @@
 """Resume and per-host data costs of training on real text.
 
     python benchmarks/bench_resume.py resume --corpus /tmp/corpus --at 10 5000
-    python benchmarks/bench_resume.py host-data --corpus /tmp/corpus --batch 64 --unroll 20 --batches 768 [--pin-cores] [--beside]
+    python benchmarks/bench_resume.py host-data --corpus /tmp/corpus --batches 768 [--pin-cores] [--beside]
 
 ``resume``: trains a tiny biLM (2 layers of 64 cells, projection 16, a small char CNN; batch 64 x 20 tokens,
 the corpus's own vocabulary) on CORPUS/train/*.txt for real for ``--train-steps`` steps (default: the smallest
