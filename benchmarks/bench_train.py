@@ -18,7 +18,9 @@ the dense softmax update (the gradient of every softmax row, then optax: the ste
 ``--allreduce-config``: bytes all-reduced per step by that config at the largest ``--vocab-size``, on a mesh of 4
 simulated CPU devices: "dense" is the update before the row-sparse softmax (the gradient of every param,
 the (V, P) softmax included, then optax), "rows" the trainer's step; each counted from array sizes and from the
-all-reduce ops of the compiled program (compiled only: nothing of that size is allocated).
+all-reduce ops of the compiled program (compiled only: nothing of that size is allocated). Also the trainer's
+step with the softmax split by rows (``--shard-softmax``): its collectives, and the TrainState's bytes on each
+device with the softmax replicated and split.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def allreduce_report(name: str, batch: int, unroll: int, vocab_size: int, n_nega
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from elmo_jax.options import BiLMOptions
-    from elmo_jax.train.trainer import _init_fn, _make_optimizer, dense_train_step, train_step
+    from elmo_jax.train.trainer import (_init_fn, _make_optimizer, dense_train_step, softmax_table_rows,
+                                        state_shardings, train_step)
 
     options = BiLMOptions.from_dict(options_dict(name, batch, unroll, vocab_size, n_negative))
     settings = (0.2, 1.0, 10.0)
@@ -141,15 +144,22 @@ def allreduce_report(name: str, batch: int, unroll: int, vocab_size: int, n_nega
     rows_bytes = dense_bytes - softmax_bytes + softmax_rows_bytes
     mesh = Mesh(np.asarray(jax.devices("cpu")[:4]), ("data",))
     replicated, by_batch = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-    shardings = state._replace(params=replicated, opt_state=replicated, step=replicated, lstm_state=by_batch,
-                               data_position=replicated, key=replicated)
-    compiled = {}
-    for kind, step in (("dense", functools.partial(dense_train_step, options=options, settings=settings)),
-                       ("rows", functools.partial(train_step, options=options, optimizer=_make_optimizer(*settings)))):
-        program = jax.jit(step, in_shardings=(shardings, by_batch, replicated), out_shardings=(shardings, replicated),
+    shardings = state_shardings(state, mesh)  # the trainer's: the LSTM carry split by rows, the rest replicated
+    # the trainer's step with the softmax and its accumulator split by rows (--shard-softmax; padded rows)
+    sharded_state = jax.eval_shape(_init_fn(options, settings, softmax_table_rows(options, True)),
+                                   jax.random.PRNGKey(0), None)
+    sharded = state_shardings(sharded_state, mesh, shard_softmax=True)
+    rows_step = functools.partial(train_step, options=options, optimizer=_make_optimizer(*settings))
+    compiled, per_device = {}, {}
+    for kind, step, placed, where in (
+            ("dense", functools.partial(dense_train_step, options=options, settings=settings), state, shardings),
+            ("rows", rows_step, state, shardings), ("rows_sharded_softmax", rows_step, sharded_state, sharded)):
+        program = jax.jit(step, in_shardings=(where, by_batch, replicated), out_shardings=(where, replicated),
                           donate_argnums=0)
-        hlo = program.lower(state, _abstract_batch(batch, unroll), None).compile().as_text()
+        hlo = program.lower(placed, _abstract_batch(batch, unroll), None).compile().as_text()
         compiled[kind] = collective_bytes(hlo)
+        per_device[kind] = sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
+                               for a, s in zip(jax.tree.leaves(placed), jax.tree.leaves(where)))
     result = {
         "allreduce_config": name, "vocab_size": vocab_size, "batch": batch, "unroll": unroll, "n_negative": n_negative,
         "softmax_rows_touched_at_most": rows,
@@ -159,6 +169,9 @@ def allreduce_report(name: str, batch: int, unroll: int, vocab_size: int, n_nega
         "allreduce_bytes_dense_compiled": compiled["dense"].get("all-reduce", 0),
         "allreduce_bytes_rows_compiled": compiled["rows"].get("all-reduce", 0),
         "other_collectives_bytes_rows_compiled": {k: v for k, v in compiled["rows"].items() if k != "all-reduce"},
+        "collectives_bytes_rows_sharded_softmax_compiled": compiled["rows_sharded_softmax"],
+        "state_bytes_per_device_replicated": per_device["rows"],
+        "state_bytes_per_device_sharded_softmax": per_device["rows_sharded_softmax"],
     }
     print(json.dumps(result))
     return result

@@ -20,7 +20,7 @@ ARGUMENTS = {
     "convert": ["--model", "--options", "--weights", "--checkpoint", "--to"],
     "train": ["--train-prefix", "--vocab", "--options", "--out", "--resume", "--steps", "--init-weights",
               "--devices", "--distributed", "--seed", "--log-every", "--checkpoint-every", "--learning-rate",
-              "--dtype"],
+              "--shard-softmax", "--dtype"],
     "perplexity": ["--test-prefix", "--vocab", "--run-dir", "--options", "--weights", "--batch-size",
                    "--unroll-steps", "--distributed"],
     "export": ["run_dir", "--weights", "--options", "--vocab", "--token-embeddings"],

@@ -37,6 +37,7 @@ from elmo_jax.train.loss import (
     sampled_softmax_loss,
     softmax_candidates,
     softmax_rows,
+    vocabulary_softmax,
 )
 from elmo_jax.train.trainer import (
     BoundedBatches,
@@ -50,6 +51,7 @@ from elmo_jax.train.trainer import (
     apply_updates,
     dense_train_step,
     initialize_distributed,
+    load_config,
     long_token_bound,
     train_step,
 )
@@ -404,6 +406,37 @@ def test_one_and_four_devices_give_the_same_losses(tmp_path):
     _params_close(one.state.params, four.state.params, 1e-5)
 
 
+def test_a_softmax_split_by_rows_trains_as_a_replicated_one(tmp_path):
+    """shard_softmax: the softmax and its Adagrad accumulator split by rows over 4 devices (padded to
+    SOFTMAX_ROW_BLOCK rows) give bit for bit the replicated run's losses and params, through a checkpoint and
+    resume, and the same full-softmax perplexity; the padding rows stay zero and are never scored."""
+    quiet = io.StringIO()
+    config = _config(n_steps=4, log_every=1, checkpoint_every=2)
+    sharded_config = dataclasses.replace(config, shard_softmax=True)
+    replicated = Trainer(config, tmp_path / "replicated", devices=jax.devices()[:4], log_stream=quiet)
+    sharded = Trainer(sharded_config, tmp_path / "sharded", devices=jax.devices()[:4], log_stream=quiet)
+    rows = trainer_module.SOFTMAX_ROW_BLOCK
+    for table in (sharded.state.params["softmax"]["W"], sharded.state.opt_state[1][0].sum_of_squares["softmax"]["W"]):
+        assert table.shape == (rows, 8) and table.sharding.shard_shape(table.shape) == (rows // 4, 8)
+    assert replicated.state.params["softmax"]["W"].shape == (N_VOCAB, 8)
+    want = [m["loss"] for m in replicated.train()]
+    assert [m["loss"] for m in sharded.train(2)] == want[:2]
+    resumed = Trainer(sharded_config, tmp_path / "sharded", resume=True, devices=jax.devices()[:4], log_stream=quiet)
+    assert [m["loss"] for m in resumed.train()] == want[2:]
+    params = jax.device_get(resumed.state.params)
+    assert not np.any(params["softmax"]["W"][N_VOCAB:]) and not np.any(params["softmax"]["b"][N_VOCAB:])
+    _params_close(vocabulary_softmax(params, config.options), jax.device_get(replicated.state.params), 0.0)
+    restored, _ = load_run(tmp_path / "sharded")
+    assert restored["softmax"]["W"].shape == (N_VOCAB, 8)
+    vocab = load_vocabulary(VOCAB, N_VOCAB)
+    assert (perplexity(params, config.options, DATA, vocab, batch_size=4, unroll_steps=5)
+            == perplexity(jax.device_get(replicated.state.params), config.options, DATA, vocab, batch_size=4,
+                          unroll_steps=5))
+    with pytest.raises(TrainError, match="4096 rows .* do not split evenly over 3 devices"):
+        Trainer(TrainConfig(BiLMOptions.from_dict({**TINY, "batch_size": 6}), DATA, VOCAB, shard_softmax=True),
+                tmp_path / "three", devices=jax.devices()[:3])
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -425,17 +458,20 @@ def _train_in_processes(n_processes: int, *argv) -> None:
         assert process.returncode == 0, output
 
 
-def test_two_processes_train_and_resume_as_one_process_does(tmp_path):
+@pytest.mark.parametrize("shard_softmax", [False, True], ids=["replicated", "sharded-softmax"])
+def test_two_processes_train_and_resume_as_one_process_does(tmp_path, shard_softmax):
     """Multi-host data parallelism for real: 2 processes x 2 CPU devices, joined by jax.distributed (gloo).
 
     Each process feeds its own rows of the global batch; checkpoints are written and restored by both.
-    Losses and params equal a one-process run on 4 devices.
+    Losses and params equal a one-process run on 4 devices with a replicated softmax, also when the 2 processes
+    split theirs by rows over the 4 devices (each process holding half of it).
     """
     options = tmp_path / "options.json"
     options.write_text(json.dumps(TINY))
     run = tmp_path / "run"
     _train_in_processes(2, "--train-prefix", DATA, "--vocab", VOCAB, "--options", options, "--out", run,
-                        "--steps", 3, "--log-every", 1)
+                        "--steps", 3, "--log-every", 1, *["--shard-softmax"] * shard_softmax)
+    assert load_config(run).shard_softmax == shard_softmax
     _train_in_processes(2, "--out", run, "--resume", "--steps", 2, "--log-every", 1)
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5]  # process 0 alone writes the metrics

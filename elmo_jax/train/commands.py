@@ -62,6 +62,10 @@ def register(subparsers) -> None:
     p.add_argument("--log-every", type=int, default=100, help="log and append metrics every N steps (default 100)")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint every N steps (default 1000)")
     p.add_argument("--learning-rate", type=float, default=0.2, help="Adagrad learning rate (default 0.2)")
+    p.add_argument("--shard-softmax", action="store_true",
+                   help="a new run's softmax and its Adagrad state split by rows over the devices instead of copied "
+                   "to each (for vocabularies too large for one device; the same numbers). A new run's setting; "
+                   "--resume keeps the run's")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of the forward and backward pass (default float32); params, optimiser state "
                         "and the loss stay float32. A new run's setting; --resume keeps the run's")
@@ -138,7 +142,8 @@ def train_command(args: argparse.Namespace) -> int:
             config = TrainConfig(BiLMOptions.from_path(args.options), args.train_prefix, args.vocab,
                                  learning_rate=args.learning_rate, seed=args.seed, n_steps=args.steps,
                                  log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-                                 init_weights=args.init_weights, compute_dtype=args.dtype)
+                                 init_weights=args.init_weights, compute_dtype=args.dtype,
+                                 shard_softmax=args.shard_softmax)
         for name in ("steps", "devices", "log_every", "checkpoint_every"):
             value = getattr(args, name)
             if value is not None and value < 1:

@@ -19,9 +19,9 @@ from ..characters import Vocabulary
 from ..options import BiLMOptions
 from ..sharding import by_batch, data_mesh, put_global, replicated
 from .data import DataError, LMDataset
-from .loss import eval_token_losses, initial_lm_state
+from .loss import eval_token_losses, initial_lm_state, vocabulary_softmax
 from .trainer import (TrainConfig, TrainError, TrainState, _init_fn, _optimizer_settings, host_rows, load_config,
-                      place_rows)
+                      place_rows, softmax_table_rows)
 
 
 def perplexity(params: dict, options: BiLMOptions, files: str, vocab: Vocabulary, *, batch_size: int = 256,
@@ -67,7 +67,7 @@ def perplexity(params: dict, options: BiLMOptions, files: str, vocab: Vocabulary
     max_chars = options.char_cnn.max_characters_per_token
     data = LMDataset(files, vocab, batch_size, unroll_steps, shuffle=False, loop=False, max_chars=max_chars,
                      rows=own_rows)
-    params = put_global(params, whole)
+    params = put_global(vocabulary_softmax(params, options), whole)  # a sharded run's padding rows are not words
     if options.training.share_embedding_softmax:
         softmax_w = vocabulary_embeddings(params, options, vocab.char_ids(max_chars), mesh)
     else:
@@ -174,7 +174,8 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[dict,
     step = manager.latest_step() if step is None else step
     if step is None:
         raise TrainError(f"{run_dir}: no checkpoint in {run_dir}/checkpoints")
-    target = jax.eval_shape(_init_fn(config.options, _optimizer_settings(config)), jax.random.PRNGKey(0), None)
+    rows = softmax_table_rows(config.options, config.shard_softmax)
+    target = jax.eval_shape(_init_fn(config.options, _optimizer_settings(config), rows), jax.random.PRNGKey(0), None)
     sharding = replicated(data_mesh(jax.local_devices()[:1]))  # each process restores its own copy
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
     try:
@@ -182,7 +183,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[dict,
     except Exception as error:  # noqa: BLE001 - orbax raises many types for a damaged or mismatched checkpoint
         raise TrainError(f"{run_dir}: cannot restore checkpoint {step} ({error})") from None
     assert isinstance(restored, TrainState)
-    return jax.device_get(restored.params), config
+    return jax.device_get(vocabulary_softmax(restored.params, config.options)), config
 
 
 def inference_options(options: BiLMOptions) -> BiLMOptions:

@@ -37,20 +37,34 @@ _HIT_LOGIT = float(np.finfo(np.float32).min)  # an accidental hit's logit: exp()
 # ---------------------------------------------------------------- params
 
 
-def init_softmax(options: BiLMOptions, key: jax.Array) -> dict:
-    """Softmax params: {"W": (n_tokens_vocab, P), "b": (n_tokens_vocab,)}; no "W" when tied to the token embeddings.
+def init_softmax(options: BiLMOptions, key: jax.Array, rows: int | None = None) -> dict:
+    """Softmax params: {"W": (rows, P), "b": (rows,)}; no "W" when tied to the token embeddings.
 
-    Initialised as bilm-tf: W ~ normal(0, 1 / sqrt(P)), b = 0.
+    Initialised as bilm-tf: W ~ normal(0, 1 / sqrt(P)), b = 0. ``rows`` (default n_tokens_vocab) may pad the
+    tables beyond the vocabulary, so that they split evenly over devices: the rows past it are zeros, which no
+    step samples, scores or changes (``vocabulary_softmax`` drops them).
     """
     vocab, proj = _n_vocab(options), options.lstm.projection_dim
-    softmax = {"b": jnp.zeros((vocab,), jnp.float32)}
+    rows = vocab if rows is None else rows
+    if rows < vocab:
+        raise ValueError(f"a softmax of {rows} rows cannot hold the vocabulary's {vocab}")
+    softmax = {"b": jnp.zeros((rows,), jnp.float32)}
     if not options.training.share_embedding_softmax:
-        softmax["W"] = jax.random.normal(key, (vocab, proj), jnp.float32) / np.sqrt(proj)
+        weights = jax.random.normal(key, (vocab, proj), jnp.float32) / np.sqrt(proj)
+        softmax["W"] = jnp.pad(weights, ((0, rows - vocab), (0, 0)))
     return softmax
 
 
-def init_train_params(options: BiLMOptions, key: jax.Array, bilm_params: dict | None = None) -> dict:
-    """biLM params (random, or ``bilm_params`` for fine-tuning) plus a fresh "softmax" entry.
+def vocabulary_softmax(params: dict, options: BiLMOptions) -> dict:
+    """``params`` with its softmax tables cut to the vocabulary's rows (a sharded run pads them, ``init_softmax``)."""
+    vocab = _n_vocab(options)
+    return {**params, "softmax": {name: table[:vocab] for name, table in params["softmax"].items()}}
+
+
+def init_train_params(options: BiLMOptions, key: jax.Array, bilm_params: dict | None = None,
+                      table_rows: int | None = None) -> dict:
+    """biLM params (random, or ``bilm_params`` for fine-tuning) plus a fresh "softmax" entry (of ``table_rows``
+    rows, default the vocabulary's: ``init_softmax``).
 
     Random init follows bilm-tf where it differs from ``init_params``: relu convolution kernels
     uniform(-0.05, 0.05) (Kim et al.), LSTM kernels and projections TF's default glorot_uniform.
@@ -72,7 +86,7 @@ def init_train_params(options: BiLMOptions, key: jax.Array, bilm_params: dict | 
     # same types as its input and the jitted step compiles once.
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), {k: v for k, v in bilm_params.items()
                                                                    if k != "softmax"})
-    params["softmax"] = init_softmax(options, softmax_key)
+    params["softmax"] = init_softmax(options, softmax_key, table_rows)
     return params
 
 

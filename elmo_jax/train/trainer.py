@@ -8,10 +8,13 @@ split by rows (``P("data")``), params and optimiser state are replicated; XLA in
 all-reduce. The same code runs on one CPU, simulated CPU devices, one GPU or several hosts.
 
 The softmax gradient is row-sparse (``RowSparse``: the rows a step touches, see ``train_step``), so
-neither its update nor its all-reduce grows with the vocabulary. The softmax table and its Adagrad
-accumulator stay replicated: 2 * n_tokens_vocab * projection_dim * 4 bytes on every device, 3.3 GB for
+neither its update nor its all-reduce grows with the vocabulary. By default the softmax table and its Adagrad
+accumulator are replicated: 2 * n_tokens_vocab * projection_dim * 4 bytes on every device, 3.3 GB for
 the published 793,471 x 512, so a 16 GB device holds the softmax of about 2.5 million words at P = 512 next
-to a 2x4096_512 biLM (sharding them by rows is not done).
+to a 2x4096_512 biLM. ``TrainConfig.shard_softmax`` (``--shard-softmax``) splits them by rows over the mesh's
+devices instead (padded with zero rows to a multiple of SOFTMAX_ROW_BLOCK): each device holds 1/n of them, so n
+such devices hold about n * 2.5 million words. XLA then gathers a step's rows with one all-reduce of those rows
+(each device contributes the ones it holds) and updates each row where it lives: the same numbers as replicated.
 
 Multi-host: call ``initialize_distributed()`` (``--distributed``) first in every process; it runs
 ``jax.distributed.initialize()``, which reads the coordinator address, process count and index from
@@ -54,6 +57,11 @@ from .data import Batches, LMDataset, load_vocabulary
 from .loss import gather_softmax, init_train_params, initial_lm_state, softmax_candidates, train_loss
 
 
+# a sharded softmax's rows: the vocabulary rounded up to a multiple of this, so that any power-of-two number of
+# devices up to it splits them evenly whatever the device count a run resumes on (at P = 512: 8 MB at most)
+SOFTMAX_ROW_BLOCK = 4096
+
+
 class TrainError(RuntimeError):
     """A training run cannot start or continue (run dir, resume, non-finite loss, batch size)."""
 
@@ -66,6 +74,8 @@ class TrainConfig:
     ``clip_norm=None`` uses options.training.all_clip_norm_val. ``init_weights``: an HDF5 biLM to
     fine-tune from (the softmax starts fresh). ``compute_dtype``: "float32", or "bfloat16" for the
     forward and backward pass (params, optimiser state, carried LSTM state and the loss stay float32).
+    ``shard_softmax``: the softmax and its Adagrad accumulator split by rows over the devices (see the module
+    docstring), not replicated; the same numbers.
     """
 
     options: BiLMOptions
@@ -81,6 +91,7 @@ class TrainConfig:
     max_to_keep: int = 3
     init_weights: str | None = None
     compute_dtype: str = "float32"
+    shard_softmax: bool = False
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -349,17 +360,41 @@ def _whole_batch(x: jax.Array, axis_name) -> jax.Array:
                         axis_name)
 
 
-def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh, compute_dtype: str = "float32"):
+def softmax_table_rows(options: BiLMOptions, shard_softmax: bool) -> int:
+    """The softmax table's rows: the vocabulary's, or for a sharded softmax those rounded up to SOFTMAX_ROW_BLOCK."""
+    n_vocab = options.training.n_tokens_vocab
+    if n_vocab is None:
+        raise TrainError("options lack 'n_tokens_vocab': training needs the vocabulary size for the softmax")
+    return -(-n_vocab // SOFTMAX_ROW_BLOCK) * SOFTMAX_ROW_BLOCK if shard_softmax else n_vocab
+
+
+def state_shardings(state: TrainState, mesh: Mesh, shard_softmax: bool = False) -> TrainState:
+    """Where each part of a TrainState (arrays or shapes) lives on the mesh: the LSTM carry split by rows of the
+    batch; the softmax tables and their Adagrad accumulators split by rows if ``shard_softmax``; the rest
+    replicated."""
+    replicated, by_rows = replicated_sharding(mesh), batch_sharding(mesh)
+
+    def place(path, _):
+        in_softmax = any(getattr(key, "key", None) == "softmax" for key in path)
+        return by_rows if shard_softmax and in_softmax else replicated
+
+    return TrainState(jax.tree_util.tree_map_with_path(place, state.params),
+                      jax.tree_util.tree_map_with_path(place, state.opt_state), replicated,
+                      jax.tree.map(lambda _: by_rows, state.lstm_state), replicated, replicated)
+
+
+def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh, compute_dtype: str = "float32",
+              shard_softmax: bool = False):
     """init(key, bilm_params | None) -> TrainState placed on the mesh, and
     step(state, batch, vocab_char_ids, long_token_rows=None), the jitted train step (one compiled program per
-    long_token_rows), for one (options, optimiser, mesh, compute dtype).
+    long_token_rows), for one (options, optimiser, mesh, compute dtype, softmax placement).
 
     Cached so that several Trainers of one process (resume, evaluation, tests) share one compilation.
     """
     optimizer = _make_optimizer(*optimizer_settings)
     replicated, by_batch = replicated_sharding(mesh), batch_sharding(mesh)
-    shardings = TrainState(replicated, replicated, replicated, by_batch, replicated, replicated)
-    unplaced = _init_fn(options, optimizer_settings)
+    unplaced = _init_fn(options, optimizer_settings, softmax_table_rows(options, shard_softmax))
+    shardings = state_shardings(jax.eval_shape(unplaced, jax.random.PRNGKey(0), None), mesh, shard_softmax)
     placed = jax.jit(unplaced.__wrapped__, out_shardings=shardings)
 
     def init(key, bilm_params):
@@ -481,13 +516,14 @@ def place_rows(batch: dict[str, np.ndarray], rows: list[int], sharding: jax.shar
 
 
 @functools.lru_cache(maxsize=16)
-def _init_fn(options: BiLMOptions, optimizer_settings: tuple):
-    """The jitted, device-agnostic init(key, bilm_params | None) -> TrainState."""
+def _init_fn(options: BiLMOptions, optimizer_settings: tuple, table_rows: int | None = None):
+    """The jitted, device-agnostic init(key, bilm_params | None) -> TrainState (a softmax of ``table_rows`` rows,
+    default the vocabulary's)."""
     optimizer = _make_optimizer(*optimizer_settings)
 
     @jax.jit
     def init(key, bilm_params):
-        params = init_train_params(options, key, bilm_params)
+        params = init_train_params(options, key, bilm_params, table_rows)
         lstm_state = initial_lm_state(options, options.training.batch_size)
         return TrainState(params, optimizer.init(params), jnp.int32(0), lstm_state, jnp.int32(0),
                           jax.random.fold_in(key, 1))
@@ -561,6 +597,11 @@ class Trainer:
         if t.batch_size % len(devices) or t.batch_size % jax.process_count():
             raise TrainError(f"batch_size={t.batch_size} must divide evenly over {len(devices)} devices and "
                              f"{jax.process_count()} processes")
+        rows = softmax_table_rows(options, config.shard_softmax)
+        if config.shard_softmax and rows % len(devices):
+            raise TrainError(f"shard_softmax: the softmax's {rows} rows (n_tokens_vocab={t.n_tokens_vocab} rounded up "
+                             f"to a multiple of {SOFTMAX_ROW_BLOCK}) do not split evenly over {len(devices)} devices; "
+                             f"use a number of devices that divides {rows}, or a replicated softmax")
         self.mesh = data_mesh(devices)
         replicated, self.by_batch = replicated_sharding(self.mesh), batch_sharding(self.mesh)
         # ---- data
@@ -583,7 +624,8 @@ class Trainer:
             from ..weights import load_hdf5
 
             bilm_params = load_hdf5(config.init_weights, options)
-        init, self._step = _compiled(options, _optimizer_settings(config), self.mesh, config.compute_dtype)
+        init, self._step = _compiled(options, _optimizer_settings(config), self.mesh, config.compute_dtype,
+                                     config.shard_softmax)
         self.optimizer = make_optimizer(config)
         self.state = init(jax.random.PRNGKey(config.seed), bilm_params)
         # ---- checkpoints
