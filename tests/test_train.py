@@ -169,11 +169,13 @@ def test_tied_softmax_uses_the_token_embeddings_of_the_vocabulary(trained):
 # ---------------------------------------------------------------- (g) the row-sparse softmax update
 
 
-@pytest.mark.parametrize("tied, clip_norm, n_devices", [(False, 0.05, 1), (False, None, 4), (True, 0.05, 4)])
-def test_row_sparse_update_equals_the_dense_optax_update(tmp_path, tied, clip_norm, n_devices):
-    """Several steps of the trainer (row-sparse softmax gradient and Adagrad) = the dense gradient + optax."""
+@pytest.mark.parametrize("tied, clip_norm, n_devices, shard_softmax", [
+    (False, 0.05, 1, False), (False, None, 4, False), (True, 0.05, 4, False), (True, 0.05, 4, True)])
+def test_row_sparse_update_equals_the_dense_optax_update(tmp_path, tied, clip_norm, n_devices, shard_softmax):
+    """Several steps of the trainer (row-sparse softmax gradient and Adagrad) = the dense gradient + optax; also
+    with the (tied: bias only) softmax split by rows over the devices."""
     options = BiLMOptions.from_dict({**TINY, "share_embedding_softmax": tied})
-    config = TrainConfig(options, DATA, VOCAB, clip_norm=clip_norm)
+    config = TrainConfig(options, DATA, VOCAB, clip_norm=clip_norm, shard_softmax=shard_softmax)
     trainer = Trainer(config, tmp_path / "run", devices=jax.devices()[:n_devices], log_stream=io.StringIO())
     assert ("W" in trainer.state.params["softmax"]) is not tied
     reference = jax.device_get(trainer.state)
