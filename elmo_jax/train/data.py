@@ -353,6 +353,23 @@ class Batches(Iterator):
             stream.rng_state = None
         return cls(data, stream, rows, position=state["position"])
 
+    def _advance(self, row: _Row, steps: int, keep_line: bool) -> bool:
+        """Move ``row`` on by ``steps`` tokens without building them, as ``_fill`` does (the same sentences and
+        offsets), keeping the line of a sentence pulled if ``keep_line``; False at the end of data."""
+        while True:
+            if row.ref is not None:
+                left = row.length - 1 - row.offset
+                if left >= steps:
+                    row.offset += steps
+                    return True
+                steps -= left
+            pulled = self.stream.next()
+            if pulled is None:
+                return False
+            row.ref, n_tokens, line = pulled
+            row.length, row.offset, row.sentence = n_tokens + 2, 0, None
+            row.line = line if keep_line else None
+
     def _fill(self, write: bool) -> dict[str, np.ndarray] | None:
         """One batch: advance every row by unroll_steps tokens (bilm-tf's _get_batch); None at the end of data."""
         data, steps = self.data, self.data.unroll_steps
@@ -364,30 +381,32 @@ class Batches(Iterator):
             out["char_ids_reverse"] = np.zeros((*shape, data.max_chars), np.int32)
         for r, row in enumerate(self.rows):
             i = self.local.get(r)
+            if not write or i is None:  # skipping, or another host's row: only its place moves on
+                if not self._advance(row, steps, keep_line=i is not None):
+                    return None
+                continue
             pos = 0
             while pos < steps:
                 if row.ref is None or row.length - row.offset <= 1:  # only </S> left: it was the last target
                     pulled = self.stream.next()
                     if pulled is None:
                         return None
-                    row.ref, n_tokens, line = pulled
+                    row.ref, n_tokens, row.line = pulled
                     row.length, row.offset, row.sentence = n_tokens + 2, 0, None
-                    row.line = line if i is not None else None
                 offset = row.offset
                 n = min(row.length - 1 - offset, steps - pos)
-                if write and i is not None:
-                    if row.sentence is None:
-                        row.sentence = data._encode(row.line)
-                    ids, chars = row.sentence.ids, row.sentence.char_ids(data.char_cache)
-                    rev_ids, rev_chars = ids[::-1], chars[::-1]
-                    out["token_ids"][i, pos : pos + n] = ids[offset : offset + n]
-                    out["next_token_id"][i, pos : pos + n] = ids[offset + 1 : offset + n + 1]
-                    out["char_ids"][i, pos : pos + n] = chars[offset : offset + n]
-                    out["token_ids_reverse"][i, pos : pos + n] = rev_ids[offset : offset + n]
-                    out["next_token_id_reverse"][i, pos : pos + n] = rev_ids[offset + 1 : offset + n + 1]
-                    out["char_ids_reverse"][i, pos : pos + n] = rev_chars[offset : offset + n]
-                    if offset + n == len(ids) - 1:
-                        row.sentence.chars = None  # the row is done with it; free the memory
+                if row.sentence is None:
+                    row.sentence = data._encode(row.line)
+                ids, chars = row.sentence.ids, row.sentence.char_ids(data.char_cache)
+                rev_ids, rev_chars = ids[::-1], chars[::-1]
+                out["token_ids"][i, pos : pos + n] = ids[offset : offset + n]
+                out["next_token_id"][i, pos : pos + n] = ids[offset + 1 : offset + n + 1]
+                out["char_ids"][i, pos : pos + n] = chars[offset : offset + n]
+                out["token_ids_reverse"][i, pos : pos + n] = rev_ids[offset : offset + n]
+                out["next_token_id_reverse"][i, pos : pos + n] = rev_ids[offset + 1 : offset + n + 1]
+                out["char_ids_reverse"][i, pos : pos + n] = rev_chars[offset : offset + n]
+                if offset + n == len(ids) - 1:
+                    row.sentence.chars = None  # the row is done with it; free the memory
                 row.offset = offset + n
                 pos += n
         self.position += 1
