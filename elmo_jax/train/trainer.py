@@ -388,8 +388,6 @@ def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh, compu
     """init(key, bilm_params | None) -> TrainState placed on the mesh, and
     step(state, batch, vocab_char_ids, long_token_rows=None), the jitted train step (one compiled program per
     long_token_rows), for one (options, optimiser, mesh, compute dtype, softmax placement).
-
-    Cached so that several Trainers of one process (resume, evaluation, tests) share one compilation.
     """
     optimizer = _make_optimizer(*optimizer_settings)
     replicated, by_batch = replicated_sharding(mesh), batch_sharding(mesh)
