@@ -4,8 +4,8 @@ Phases of ``Trainer.__init__``: mesh -> data -> run dir -> init (or fine-tuning 
 (resume) -> step. ``Trainer.train`` is the loop: batch -> step -> log -> checkpoint.
 
 Data parallelism is ``jax.jit`` over a one-axis Mesh ("data"): batches and the carried LSTM state are
-split by rows (``P("data")``), params and optimiser state are replicated; XLA inserts the gradient
-all-reduce. The same code runs on one CPU, simulated CPU devices, one GPU or several hosts.
+split by rows (``P("data")``), params and optimiser state are replicated (but for a split softmax, below); XLA
+inserts the gradient all-reduce. The same code runs on one CPU, simulated CPU devices, one GPU or several hosts.
 
 The softmax gradient is row-sparse (``RowSparse``: the rows a step touches, see ``train_step``), so
 neither its update nor its all-reduce grows with the vocabulary. By default the softmax table and its Adagrad
@@ -396,9 +396,11 @@ def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh, compu
     placed = jax.jit(unplaced.__wrapped__, out_shardings=shardings)
 
     def init(key, bilm_params):
-        if jax.process_count() == 1:  # one compiled init for every mesh; placing is a copy
+        if jax.process_count() == 1 and not shard_softmax:  # one compiled init for every mesh; placing is a copy
             return jax.device_put(unplaced(key, bilm_params), shardings)
-        return placed(key, bilm_params)  # multi-host: every process computes the same replicated values
+        # multi-host: every process computes the same replicated values; a split softmax is made where it lives,
+        # never whole on one device
+        return placed(key, bilm_params)
 
     programs = {}  # long_token_rows -> the jitted step for it
 
