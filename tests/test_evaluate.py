@@ -41,16 +41,20 @@ def _reference(params, options, batch_size, unroll_steps, max_batches=None) -> d
     return {**out, "mean": math.exp(np.mean([np.mean(list(m.values())) for m in means])), "batches": len(means)}
 
 
-@pytest.mark.parametrize("tied, batch_size, unroll_steps, n_devices, max_batches", [
-    (False, 4, 5, 4, None), (True, 4, 5, 4, None), (True, 4, 2, 1, None), (False, 2, 3, 4, 7), (True, 2, 3, 3, None)])
+@pytest.mark.parametrize("tied, batch_size, unroll_steps, n_devices, max_batches, split", [
+    (False, 4, 5, 4, None, False), (True, 4, 5, 4, None, False), (True, 4, 2, 1, None, False),
+    (False, 2, 3, 4, 7, False), (True, 2, 3, 3, None, False),
+    (False, 3, 5, 3, None, True), (True, 3, 5, 3, None, True)])
 def test_perplexity_on_all_devices_equals_the_per_batch_reference(tied, batch_size, unroll_steps, n_devices,
-                                                                   max_batches):
+                                                                   max_batches, split):
     """4 devices (batch split by rows), 1 device, and 4 devices of which 2 divide the batch, as many as divide
-    it of 3 (1): the numbers of the per-batch evaluation within float rounding."""
+    it of 3 (1); and the softmax split by rows over 3 devices (32 words padded to 33 rows): the numbers of the
+    per-batch evaluation within float rounding."""
     options = BiLMOptions.from_dict({**TINY, "share_embedding_softmax": tied})
     params = _params(options)
     got = perplexity(params, options, DATA, load_vocabulary(VOCAB, N_VOCAB), batch_size=batch_size,
-                     unroll_steps=unroll_steps, max_batches=max_batches, devices=jax.devices()[:n_devices])
+                     unroll_steps=unroll_steps, max_batches=max_batches, devices=jax.devices()[:n_devices],
+                     shard_softmax=split)
     want = _reference(params, options, batch_size, unroll_steps, max_batches)
     assert got["batches"] == want["batches"] > 2
     for name in ("forward", "backward", "mean"):
@@ -58,9 +62,10 @@ def test_perplexity_on_all_devices_equals_the_per_batch_reference(tied, batch_si
     assert want["mean"] > N_VOCAB  # random params: worse than uniform, so the check is not of a trivial value
 
 
-def test_perplexity_fetches_once_and_embeds_the_tied_vocabulary_once(monkeypatch):
+@pytest.mark.parametrize("split", [False, True])
+def test_perplexity_fetches_once_and_embeds_the_tied_vocabulary_once(monkeypatch, split):
     """Several batches: one device_get (the sums at the end) and one vocabulary embedding; the carried LSTM
-    state and the batches are split over the 4 devices."""
+    state and the batches are split over the 4 devices, the softmax weights copied to each or split by rows."""
     options = BiLMOptions.from_dict({**TINY, "share_embedding_softmax": True})
     params = _params(options)
     fetches, embeddings, states = [], [], []
@@ -69,23 +74,24 @@ def test_perplexity_fetches_once_and_embeds_the_tied_vocabulary_once(monkeypatch
     monkeypatch.setattr(evaluate, "vocabulary_embeddings", lambda *a, **k: embeddings.append(a) or embed(*a, **k))
     compiled = evaluate._eval_step
 
-    def spied(options, mesh):
-        step = compiled(options, mesh)
+    def spied(options, mesh, split_softmax):
+        step = compiled(options, mesh, split_softmax)
 
-        def spy(params, softmax_w, batch, state, totals):
-            states.append((batch["char_ids"].sharding, softmax_w.sharding))
-            return step(params, softmax_w, batch, state, totals)
+        def spy(params, softmax, batch, state, totals):
+            states.append((batch["char_ids"].sharding, softmax["W"].sharding))
+            return step(params, softmax, batch, state, totals)
 
         return spy
 
     monkeypatch.setattr(evaluate, "_eval_step", spied)
     got = perplexity(params, options, DATA, load_vocabulary(VOCAB, N_VOCAB), batch_size=4, unroll_steps=2,
-                     devices=jax.devices()[:4])
+                     devices=jax.devices()[:4], shard_softmax=split)
     assert got["batches"] == len(states) > 2
     assert len(fetches) == 1 and len(embeddings) == 1
     batch_sharding, w_sharding = states[0]
     assert batch_sharding.shard_shape((4, 2, 50)) == (1, 2, 50)  # one row per device
-    assert w_sharding.is_fully_replicated and len(w_sharding.device_set) == 4
+    assert len(w_sharding.device_set) == 4
+    assert w_sharding.shard_shape((N_VOCAB, 8)) == ((N_VOCAB // 4, 8) if split else (N_VOCAB, 8))
 
 
 def test_compensated_sum_keeps_the_precision_a_float32_sum_loses():

@@ -21,8 +21,8 @@ ARGUMENTS = {
     "train": ["--train-prefix", "--vocab", "--options", "--out", "--resume", "--steps", "--init-weights",
               "--devices", "--distributed", "--seed", "--log-every", "--checkpoint-every", "--learning-rate",
               "--shard-softmax", "--dtype"],
-    "perplexity": ["--test-prefix", "--vocab", "--run-dir", "--options", "--weights", "--batch-size",
-                   "--unroll-steps", "--distributed"],
+    "perplexity": ["--test-prefix", "--vocab", "--run-dir", "--options", "--weights", "--shard-softmax",
+                   "--batch-size", "--unroll-steps", "--distributed"],
     "export": ["run_dir", "--weights", "--options", "--vocab", "--token-embeddings"],
 }
 

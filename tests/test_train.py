@@ -408,10 +408,11 @@ def test_one_and_four_devices_give_the_same_losses(tmp_path):
     _params_close(one.state.params, four.state.params, 1e-5)
 
 
-def test_a_softmax_split_by_rows_trains_as_a_replicated_one(tmp_path):
+def test_a_softmax_split_by_rows_trains_as_a_replicated_one(tmp_path, capsys):
     """shard_softmax: the softmax and its Adagrad accumulator split by rows over 4 devices (padded to
     SOFTMAX_ROW_BLOCK rows) give bit for bit the replicated run's losses and params, through a checkpoint and
-    resume, and the same full-softmax perplexity; the padding rows stay zero and are never scored."""
+    resume, and the same full-softmax perplexity, also from ``elmo-jax perplexity``, which evaluates such a run
+    split too; the padding rows stay zero and are never scored."""
     quiet = io.StringIO()
     config = _config(n_steps=4, log_every=1, checkpoint_every=2)
     sharded_config = dataclasses.replace(config, shard_softmax=True)
@@ -431,9 +432,15 @@ def test_a_softmax_split_by_rows_trains_as_a_replicated_one(tmp_path):
     restored, _ = load_run(tmp_path / "sharded")
     assert restored["softmax"]["W"].shape == (N_VOCAB, 8)
     vocab = load_vocabulary(VOCAB, N_VOCAB)
-    assert (perplexity(params, config.options, DATA, vocab, batch_size=4, unroll_steps=5)
-            == perplexity(jax.device_get(replicated.state.params), config.options, DATA, vocab, batch_size=4,
-                          unroll_steps=5))
+    want = perplexity(jax.device_get(replicated.state.params), config.options, DATA, vocab, batch_size=4,
+                      unroll_steps=5)
+    assert perplexity(params, config.options, DATA, vocab, batch_size=4, unroll_steps=5) == want
+    capsys.readouterr()
+    assert _cli("perplexity", "--run-dir", tmp_path / "sharded", "--test-prefix", DATA, "--vocab", VOCAB,
+                "--batch-size", 4, "--unroll-steps", 5) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in ("forward", "backward", "mean"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6)
     with pytest.raises(TrainError, match="4096 rows .* do not split evenly over 3 devices"):
         Trainer(TrainConfig(BiLMOptions.from_dict({**TINY, "batch_size": 6}), DATA, VOCAB, shard_softmax=True),
                 tmp_path / "three", devices=jax.devices()[:3])

@@ -86,6 +86,9 @@ def register(subparsers) -> None:
                                      "run's)")
     p.add_argument("--weights", help="HDF5 biLM weights to evaluate instead of the run's biLM params, with the "
                                      "run's softmax")
+    p.add_argument("--shard-softmax", action="store_true",
+                   help="split the softmax by rows over the devices instead of copying it to each (a vocabulary too "
+                   "large for one device); on by default for a run trained with --shard-softmax")
     p.add_argument("--batch-size", type=int, default=256, help="rows per batch (default 256, as bilm-tf)")
     p.add_argument("--unroll-steps", type=int, default=1, help="tokens per window (default 1, as bilm-tf)")
     p.add_argument("--distributed", action="store_true",
@@ -190,7 +193,7 @@ def perplexity_command(args: argparse.Namespace) -> int:
             params = {**load_hdf5(args.weights, options), "softmax": params["softmax"]}
         vocab = load_vocabulary(args.vocab, options.training.n_tokens_vocab)
         result = perplexity(params, options, args.test_prefix, vocab, batch_size=args.batch_size,
-                            unroll_steps=args.unroll_steps)
+                            unroll_steps=args.unroll_steps, shard_softmax=args.shard_softmax or config.shard_softmax)
         if jax.process_index() == 0:
             print(json.dumps(result))
     except _ERRORS as error:

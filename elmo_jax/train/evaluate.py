@@ -21,11 +21,14 @@ from ..sharding import by_batch, data_mesh, put_global, replicated
 from .data import DataError, LMDataset
 from .loss import eval_token_losses, initial_lm_state, vocabulary_softmax
 from .trainer import (TrainConfig, TrainError, TrainState, _init_fn, _optimizer_settings, host_rows, load_config,
-                      place_rows, softmax_table_rows)
+                      place_rows, softmax_table_rows, state_shardings)
+
+NO_WORD_LOGIT = float(np.finfo(np.float32).min) / 2  # a split softmax's padding rows' bias: exp() of it is exactly 0
 
 
 def perplexity(params: dict, options: BiLMOptions, files: str, vocab: Vocabulary, *, batch_size: int = 256,
-               unroll_steps: int = 1, max_batches: int | None = None, devices: list | None = None) -> dict[str, float]:
+               unroll_steps: int = 1, max_batches: int | None = None, devices: list | None = None,
+               shard_softmax: bool = False) -> dict[str, float]:
     """Test perplexity as bilm-tf's run_test computes it, on all devices.
 
     One pass over the shards matched by ``files`` in order, unshuffled, cut into (batch_size, unroll_steps)
@@ -44,6 +47,10 @@ def perplexity(params: dict, options: BiLMOptions, files: str, vocab: Vocabulary
       params: biLM params with "softmax"; vocab: the training vocabulary (n_tokens_vocab words).
       devices: the devices to use (default: all, of every process); in one process as many of the first of them
         as divide batch_size, with several all of them, and batch_size must divide evenly over them.
+      shard_softmax: the softmax's weights and biases split by rows over those devices instead of copied to each
+        (a vocabulary too large for one device, as ``TrainConfig.shard_softmax`` trains): each device scores the
+        words it holds against the whole batch's hidden states (an all-gather of those) and XLA reduces the
+        log-sum-exp across devices. The same numbers within float rounding.
     Returns:
       {"forward", "backward" (if bidirectional), "mean" (exp of the mean of the directions' losses), "batches"}.
     """
@@ -67,18 +74,21 @@ def perplexity(params: dict, options: BiLMOptions, files: str, vocab: Vocabulary
     max_chars = options.char_cnn.max_characters_per_token
     data = LMDataset(files, vocab, batch_size, unroll_steps, shuffle=False, loop=False, max_chars=max_chars,
                      rows=own_rows)
-    params = put_global(vocabulary_softmax(params, options), whole)  # a sharded run's padding rows are not words
+    softmax = vocabulary_softmax(params, options)["softmax"]  # a sharded run's padding rows are not words
+    params = put_global({name: value for name, value in params.items() if name != "softmax"}, whole)
     if options.training.share_embedding_softmax:
-        softmax_w = vocabulary_embeddings(params, options, vocab.char_ids(max_chars), mesh)
+        softmax_w = vocabulary_embeddings(params, options, vocab.char_ids(max_chars), mesh, split=shard_softmax)
     else:
-        softmax_w = params["softmax"]["W"]
+        softmax_w = softmax["W"]
+    softmax = _place_softmax(softmax_w, softmax["b"], mesh, shard_softmax,
+                             placed=options.training.share_embedding_softmax)
     # ---- the pass: sums on the devices
-    step = _eval_step(options, mesh)
+    step = _eval_step(options, mesh, shard_softmax)
     state = put_global(initial_lm_state(options, batch_size), rows)
     totals = put_global(_zero_totals(options), whole)
     n = 0
     for batch in data.batches():
-        totals, state = step(params, softmax_w, place_rows(batch, own_rows, rows, batch_size), state, totals)
+        totals, state = step(params, softmax, place_rows(batch, own_rows, rows, batch_size), state, totals)
         n += 1
         if max_batches is not None and n >= max_batches:
             break
@@ -96,14 +106,16 @@ def perplexity(params: dict, options: BiLMOptions, files: str, vocab: Vocabulary
 
 
 def vocabulary_embeddings(params: dict, options: BiLMOptions, vocab_char_ids: np.ndarray, mesh: Mesh, *,
-                          chunk: int = 1024) -> jax.Array:
+                          chunk: int = 1024, split: bool = False) -> jax.Array:
     """Every vocabulary word's token embedding, the weights of a tied softmax, computed once.
 
     Args:
       vocab_char_ids: (n_vocab, max_chars) (``Vocabulary.char_ids``).
       mesh: a data mesh; the words are split over its devices, each embedding its words ``chunk`` at a time.
+      split: keep each device's words where they were embedded, with the padding rows after the last word.
     Returns:
-      (n_vocab, projection_dim) float32, replicated over the mesh.
+      (n_vocab, projection_dim) float32, replicated over the mesh; with ``split``, (rows, projection_dim) split by
+      rows over it, rows >= n_vocab a multiple of the mesh's size.
     """
     n_vocab, width = vocab_char_ids.shape
     per_device = -(-n_vocab // mesh.size)
@@ -112,13 +124,14 @@ def vocabulary_embeddings(params: dict, options: BiLMOptions, vocab_char_ids: np
     padded = np.zeros((mesh.size * n_chunks * chunk, width), np.int32)  # padding words are embedded, then dropped
     padded[:n_vocab] = vocab_char_ids
     bilm_params = {name: value for name, value in params.items() if name != "softmax"}
-    program = _vocabulary_program(options, mesh, n_vocab)
+    program = _vocabulary_program(options, mesh, None if split else n_vocab)
     return program(bilm_params, put_global(padded.reshape(-1, chunk, width), by_batch(mesh)))
 
 
 @functools.lru_cache(maxsize=16)
-def _vocabulary_program(options: BiLMOptions, mesh: Mesh, n_vocab: int):
-    """The jitted vocabulary_embeddings: (params, (chunks, chunk, width) split over the mesh) -> (n_vocab, P)."""
+def _vocabulary_program(options: BiLMOptions, mesh: Mesh, n_vocab: int | None):
+    """The jitted vocabulary_embeddings: (params, (chunks, chunk, width) split over the mesh) -> (n_vocab, P)
+    replicated, or with n_vocab None every padded row, split by rows."""
 
     def embed(params, chunks):  # this device's chunks -> their embeddings, one chunk at a time
         return jax.lax.map(lambda ids: token_embedding(params, options, ids), chunks)
@@ -130,7 +143,23 @@ def _vocabulary_program(options: BiLMOptions, mesh: Mesh, n_vocab: int):
         out = sharded(params, chunks)  # (chunks, chunk, P)
         return out.reshape(-1, out.shape[-1])[:n_vocab]
 
-    return jax.jit(program, out_shardings=replicated(mesh))
+    return jax.jit(program, out_shardings=replicated(mesh) if n_vocab is not None else by_batch(mesh))
+
+
+def _place_softmax(w, b, mesh: Mesh, split: bool, placed: bool = False) -> dict:
+    """The full softmax's {"W": (rows, P), "b": (rows,)} on the mesh: replicated (rows = n_vocab), or split by rows,
+    padded to a multiple of the mesh's size with rows whose logit is NO_WORD_LOGIT (no weight in the log-sum-exp).
+
+    w: (n_vocab, P) values, or with ``placed`` a jax.Array already on the mesh as it should be, padding rows
+    included (``vocabulary_embeddings``); b: (n_vocab,) values.
+    """
+    n_vocab, where = b.shape[0], by_batch(mesh) if split else replicated(mesh)
+    n_rows = w.shape[0] if placed else -(-n_vocab // mesh.size) * mesh.size if split else n_vocab
+    bias = np.full(n_rows, NO_WORD_LOGIT, np.float32)
+    bias[:n_vocab] = np.asarray(b)
+    if not placed:
+        w = put_global(np.pad(np.asarray(w), ((0, n_rows - n_vocab), (0, 0))), where)
+    return {"W": w, "b": put_global(bias, where)}
 
 
 def _zero_totals(options: BiLMOptions) -> dict:
@@ -149,23 +178,26 @@ def _add(total: tuple[jax.Array, jax.Array], x: jax.Array) -> tuple[jax.Array, j
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_step(options: BiLMOptions, mesh: Mesh):
-    """The jitted step(params, softmax_w, batch, state, totals) -> (totals, state) of one evaluation window:
-    the batch and LSTM state split by rows over the mesh, the rest replicated; totals and state are donated."""
+def _eval_step(options: BiLMOptions, mesh: Mesh, split_softmax: bool = False):
+    """The jitted step(bilm params, softmax {"W", "b"}, batch, state, totals) -> (totals, state) of one evaluation
+    window: the batch and LSTM state split by rows over the mesh, the softmax too with ``split_softmax``, the rest
+    replicated; totals and state are donated."""
     whole, rows = replicated(mesh), by_batch(mesh)
 
-    def step(params, softmax_w, batch, state, totals):
-        per_token, state = eval_token_losses(params, options, batch, state, softmax_w)  # (batch * time,) each
+    def step(params, softmax, batch, state, totals):
+        params = {**params, "softmax": {"b": softmax["b"]}}
+        per_token, state = eval_token_losses(params, options, batch, state, softmax["W"])  # (batch * time,) each
         losses = {direction: _add(totals["losses"][direction], jnp.sum(values))
                   for direction, values in per_token.items()}
         return {"losses": losses, "tokens": totals["tokens"] + batch["next_token_id"].size}, state
 
-    return jax.jit(step, in_shardings=(whole, whole, rows, rows, whole), out_shardings=(whole, rows),
-                   donate_argnums=(3, 4))
+    return jax.jit(step, in_shardings=(whole, rows if split_softmax else whole, rows, rows, whole),
+                   out_shardings=(whole, rows), donate_argnums=(3, 4))
 
 
 def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[dict, TrainConfig]:
-    """Params (biLM + "softmax", numpy) of a run's checkpoint (latest by default), and its TrainConfig."""
+    """Params (biLM + "softmax" of the vocabulary's rows, numpy) of a run's checkpoint (latest by default), and its
+    TrainConfig."""
     import orbax.checkpoint as ocp
 
     run_dir = os.path.abspath(os.fspath(run_dir))
@@ -176,8 +208,14 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[dict,
         raise TrainError(f"{run_dir}: no checkpoint in {run_dir}/checkpoints")
     rows = softmax_table_rows(config.options, config.shard_softmax)
     target = jax.eval_shape(_init_fn(config.options, _optimizer_settings(config), rows), jax.random.PRNGKey(0), None)
-    sharding = replicated(data_mesh(jax.local_devices()[:1]))  # each process restores its own copy
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
+    # each process restores its own copy: on one device, or a split softmax split over its devices (whole on one,
+    # a vocabulary trained split may not fit)
+    local = jax.local_devices()
+    split = config.shard_softmax and rows % len(local) == 0
+    mesh = data_mesh(local if split else local[:1])
+    where = state_shardings(target, mesh, split)._replace(
+        lstm_state=jax.tree.map(lambda _: replicated(mesh), target.lstm_state))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, where)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     except Exception as error:  # noqa: BLE001 - orbax raises many types for a damaged or mismatched checkpoint
