@@ -186,7 +186,8 @@ def _eval_step(options: BiLMOptions, mesh: Mesh, split_softmax: bool = False):
 
     def step(params, softmax, batch, state, totals):
         params = {**params, "softmax": {"b": softmax["b"]}}
-        per_token, state = eval_token_losses(params, options, batch, state, softmax["W"])  # (batch * time,) each
+        per_token, state = eval_token_losses(params, options, batch, state, softmax["W"],  # (batch * time,) each
+                                             lm_sharding=rows if split_softmax else None)
         losses = {direction: _add(totals["losses"][direction], jnp.sum(values))
                   for direction, values in per_token.items()}
         return {"losses": losses, "tokens": totals["tokens"] + batch["next_token_id"].size}, state

@@ -168,8 +168,9 @@ def lm_outputs(params: dict, options: BiLMOptions, batch: dict, state: dict, *, 
       {"forward": (batch, time, P), "backward": ...} and the new carried state.
     """
     directions = list(state)
-    char_ids = jnp.stack([batch["char_ids" if d == "forward" else "char_ids_reverse"] for d in directions])
-    x = token_embedding(params, options, char_ids, long_token_rows)  # (directions, batch, time, P)
+    # batch-major, so that flattening the tokens keeps a batch split over devices split (each device embeds its rows)
+    char_ids = jnp.stack([batch["char_ids" if d == "forward" else "char_ids_reverse"] for d in directions], axis=1)
+    x = jnp.moveaxis(token_embedding(params, options, char_ids, long_token_rows), 1, 0)  # (directions, batch, time, P)
     layers = _stack([params["lstm"][d] for d in directions])
     states = _stack([state[d] for d in directions])
     if key is None:
@@ -400,18 +401,22 @@ def eval_loss(params: dict, options: BiLMOptions, batch: dict, state: dict,
 
 
 def eval_token_losses(params: dict, options: BiLMOptions, batch: dict, state: dict,
-                      softmax_w: jax.Array) -> tuple[dict, dict]:
+                      softmax_w: jax.Array, lm_sharding=None) -> tuple[dict, dict]:
     """Full-softmax loss of every token of one window, no dropout.
 
     Args:
       softmax_w: (n_tokens_vocab, P) the softmax weights (``softmax_rows`` of every id; for a tied softmax
         the vocabulary's token embeddings, which an evaluation computes once).
+      lm_sharding: None, or under jit the sharding the LMs' outputs (batch, time, P) keep (e.g. split by rows):
+        with a softmax split by rows, XLA would otherwise run the LMs on the whole batch on every device.
     Returns:
       ({direction: (batch * time,) losses}, new state).
     """
     outputs, new_state = lm_outputs(params, options, batch, state, key=None)
     losses = {}
     for direction, out in outputs.items():
+        if lm_sharding is not None:
+            out = jax.lax.with_sharding_constraint(out, lm_sharding)
         hidden = out.reshape(-1, out.shape[-1])
         losses[direction] = full_softmax_loss(hidden, _targets(batch, direction).reshape(-1), softmax_w,
                                               params["softmax"]["b"])
