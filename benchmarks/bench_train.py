@@ -237,7 +237,9 @@ def main(argv=None) -> dict:
                                                      args.n_negative))
         init, rows_step = _compiled(options, (0.2, 1.0, 10.0), mesh, args.dtype)
         batches = [random_batch(rng, args.batch, args.unroll, vocab_size) for _ in range(2)]
-        bounds = [long_token_bound(b) for b in batches]  # as the Trainer does, per batch
+        # as the Trainer does, per batch, each device's rows bounded apart
+        bounds = [long_token_bound(b, np.arange(args.batch) // (args.batch // len(devices)), len(devices))
+                  for b in batches]
         batches = [jax.device_put(b, by_batch) for b in batches]
         steps = {"rows": rows_step}
         if args.dense:

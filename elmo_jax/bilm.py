@@ -100,20 +100,20 @@ def split_token_ids(options: BiLMOptions, token_ids):
 
 
 def token_embedding(params: dict, options: BiLMOptions, char_ids: jax.Array,
-                    long_token_rows: int | None = None) -> jax.Array:
+                    long_token_rows: int | None = None, long_token_groups: int = 1) -> jax.Array:
     """Context-free token vectors: char CNN -> highway -> [word vector, that] -> projection.
 
     Args:
       char_ids: (..., width) int32 token ids: char ids, then the word id if the model has words
         (``options.token_id_width``; see ``split_token_ids``).
-      long_token_rows: see ``char_cnn.char_cnn`` (None: convolve every position of every token).
+      long_token_rows, long_token_groups: see ``char_cnn.char_cnn`` (None: convolve every position of every token).
     Returns:
       (..., projection_dim); masked tokens are not zeroed here (``bilm`` masks its outputs).
     """
     chars, words = split_token_ids(options, char_ids)
     *lead, n_chars = chars.shape
     x = char_cnn(params, chars.reshape(-1, n_chars), options.char_cnn.activation,
-                 long_token_rows)  # (tokens, n_filters)
+                 long_token_rows, long_token_groups)  # (tokens, n_filters)
     x = highway(params["highway"], x)
     if words is not None:  # ELMoForManyLangs: the word vector comes first
         x = jnp.concatenate([jnp.take(params["word_embed"], words.reshape(-1), axis=0).astype(x.dtype), x], axis=-1)

@@ -46,7 +46,8 @@ def long_tokens(char_ids):
     return (tail != tail[..., :1]).any(axis=-1)
 
 
-def char_cnn(params: dict, char_ids: jax.Array, activation: str, long_token_rows: int | None = None) -> jax.Array:
+def char_cnn(params: dict, char_ids: jax.Array, activation: str, long_token_rows: int | None = None,
+             long_token_groups: int = 1) -> jax.Array:
     """Convolve each token's character embeddings and max-pool over character positions.
 
     Args:
@@ -59,15 +60,28 @@ def char_cnn(params: dict, char_ids: jax.Array, activation: str, long_token_rows
         convolved over their first ``short_token_chars`` positions only and the long ones over all, which
         gives the same values with less than half the work (the training step uses it; its gradient is
         as fast, which a lax.cond fallback inside jit would not be on the CPU).
+      long_token_groups: the tokens are this many equal groups, one after another, and ``long_token_rows`` bounds
+        each group's long tokens, which are picked within their group. Under jit over a mesh that splits the
+        tokens into as many blocks (the trainer's batch split by rows over its devices), each device then
+        picks and convolves its own; picked from all tokens, every device would convolve every long token.
     Returns:
       (tokens, sum of n_filters) float.
     """
     tokens, max_chars = char_ids.shape
     prefix = short_token_chars([conv["kernel"].shape[0] for conv in params["convolutions"]], max_chars)
-    if long_token_rows is None or prefix == max_chars or long_token_rows >= tokens:
+    if long_token_rows is None or prefix == max_chars or long_token_rows >= tokens // long_token_groups:
         return _convolve_and_pool(params, char_ids, activation)
     pooled = _convolve_and_pool(params, char_ids[:, :prefix], activation)
-    # The long tokens' rows; unused slots hold index `tokens`, which reads the last row and writes nothing.
-    rows = jnp.nonzero(long_tokens(char_ids), size=long_token_rows, fill_value=tokens)[0]
-    long_char_ids = jnp.take(char_ids, rows, axis=0, mode="clip")
-    return pooled.at[rows].set(_convolve_and_pool(params, long_char_ids, activation), mode="drop")
+
+    def long_ones(pooled, char_ids):  # one group's (n, ...): its long tokens convolved over every position
+        n = char_ids.shape[0]
+        # the long tokens' rows; unused slots hold index n, which reads the last row and writes nothing
+        rows = jnp.nonzero(long_tokens(char_ids), size=long_token_rows, fill_value=n)[0]
+        long_char_ids = jnp.take(char_ids, rows, axis=0, mode="clip")
+        return pooled.at[rows].set(_convolve_and_pool(params, long_char_ids, activation), mode="drop")
+
+    if long_token_groups == 1:
+        return long_ones(pooled, char_ids)
+    grouped = jax.vmap(long_ones)(pooled.reshape(long_token_groups, -1, pooled.shape[-1]),
+                                  char_ids.reshape(long_token_groups, -1, max_chars))
+    return grouped.reshape(tokens, -1)

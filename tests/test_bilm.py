@@ -120,11 +120,20 @@ def test_char_cnn_long_token_bound_gives_the_full_values_and_gradients(tiny_mode
         grads, expected = jax.grad(loss)(tiny_model.params, bound), jax.grad(loss)(tiny_model.params, None)
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # In groups (a device's rows each), each group's long tokens are bounded and picked apart: words 0-4 hold 1
+    # long token, 5-9 hold 2.
+    for bound in (2, 3):
+        np.testing.assert_allclose(char_cnn(tiny_model.params, ids, activation, bound, long_token_groups=2), full,
+                                   atol=1e-6)
+    grouped = jax.grad(lambda p: jnp.sum(jnp.sin(char_cnn(p, jnp.asarray(ids), activation, 2, 2))))(tiny_model.params)
+    for got, want in zip(jax.tree.leaves(grouped), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # The trainer's bound: 1/16 of a batch's tokens (at least 8), or None when more are long.
     short_batch = np.tile(ids[0], (8, 16, 1))  # (batch, unroll_steps, max_chars)
     batch = {"char_ids": short_batch.copy(), "char_ids_reverse": short_batch.copy()}
     assert long_token_bound(batch) == 16  # 2 streams x 8 x 16 = 256 tokens, none long
     batch["char_ids"][0] = ids[7]  # 16 long tokens: still within the bound
     assert long_token_bound(batch) == 16
+    assert long_token_bound(batch, np.arange(8) // 4, 2) is None  # rows 0-3 hold all 16: over 128 // 16 = 8
     batch["char_ids_reverse"][0, 0] = ids[7]
     assert long_token_bound(batch) is None

@@ -446,6 +446,23 @@ def test_a_softmax_split_by_rows_trains_as_a_replicated_one(tmp_path, capsys):
                 tmp_path / "three", devices=jax.devices()[:3])
 
 
+def test_each_device_embeds_its_own_rows(tmp_path):
+    """In the compiled data-parallel step on 4 devices (batch 4 x 5, both streams: 10 tokens a device, 40 in all),
+    every convolution of the char CNN, forward and backward, runs on one device's tokens or its long-token slots,
+    and nothing is gathered across devices but the targets: with the streams stacked direction-major every device
+    convolved every token (40), and with the long tokens picked from the whole batch it gathered their flags."""
+    trainer = Trainer(_config(), tmp_path / "run", devices=jax.devices()[:4], log_stream=io.StringIO())
+    batch = next(trainer.dataset.batches())
+    bound = long_token_bound(batch, trainer.row_groups, 4)
+    assert bound == 8  # a bound of 8 long tokens per device's 10 tokens: the short/long path runs
+    for rows in (None, bound):
+        hlo = trainer._step.program(rows).lower(trainer.state, trainer.put_batch(batch), None).compile().as_text()
+        convolved = {int(n) for n in re.findall(r"= f32\[(\d+),\d+,\d+\]\{[^}]*\} convolution\(", hlo)}
+        assert convolved and convolved <= {10, 8, 4}, convolved  # 4: the kernels' gradients (char_dim first)
+        gathered = set(re.findall(r"= (\w+\[[\d,]*\])\{[^}]*\} all-gather(?:-start)?\(", hlo))
+        assert gathered == {"s32[2,20]"}, gathered  # only the targets, for the softmax candidates
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

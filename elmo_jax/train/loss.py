@@ -152,7 +152,7 @@ def _stack(trees: list):
 
 
 def lm_outputs(params: dict, options: BiLMOptions, batch: dict, state: dict, *, key: jax.Array | None = None,
-               long_token_rows: int | None = None, axis_name=None):
+               long_token_rows: int | None = None, long_token_groups: int = 1, axis_name=None):
     """Top LSTM outputs of each LM on its stream.
 
     The directions are stacked on a leading axis and ``lstm_stack`` is vmapped over it, so both LMs run
@@ -162,6 +162,8 @@ def lm_outputs(params: dict, options: BiLMOptions, batch: dict, state: dict, *, 
       batch: "char_ids" (batch, time, max_chars) and, if bidirectional, "char_ids_reverse".
       state: carried state (see initial_lm_state); key: dropout key, None for none (evaluation).
       long_token_rows: at most this many of the batch's tokens (both streams) are long: see char_cnn.char_cnn.
+      long_token_groups: ``long_token_rows`` bounds each of this many equal blocks of batch rows instead (the
+        trainer's devices: each picks and convolves its own rows' long tokens).
       axis_name: None, or the pmap / shard_map axis over which the batch is split: the dropout masks are then
         this device's rows of the whole batch's (``batch_dropout``).
     Returns:
@@ -170,7 +172,8 @@ def lm_outputs(params: dict, options: BiLMOptions, batch: dict, state: dict, *, 
     directions = list(state)
     # batch-major, so that flattening the tokens keeps a batch split over devices split (each device embeds its rows)
     char_ids = jnp.stack([batch["char_ids" if d == "forward" else "char_ids_reverse"] for d in directions], axis=1)
-    x = jnp.moveaxis(token_embedding(params, options, char_ids, long_token_rows), 1, 0)  # (directions, batch, time, P)
+    x = token_embedding(params, options, char_ids, long_token_rows, long_token_groups)
+    x = jnp.moveaxis(x, 1, 0)  # (directions, batch, time, P)
     layers = _stack([params["lstm"][d] for d in directions])
     states = _stack([state[d] for d in directions])
     if key is None:
@@ -338,7 +341,7 @@ def gather_softmax(softmax: dict, ids: jax.Array) -> dict:
 
 def train_loss(params: dict, options: BiLMOptions, batch: dict, state: dict, *, key: jax.Array,
                vocab_char_ids: jax.Array | None = None, long_token_rows: int | None = None,
-               candidates: Candidates | None = None, axis_name=None):
+               long_token_groups: int = 1, candidates: Candidates | None = None, axis_name=None):
     """Mean of the directions' sampled-softmax losses on one window, with dropout.
 
     Args:
@@ -347,7 +350,7 @@ def train_loss(params: dict, options: BiLMOptions, batch: dict, state: dict, *, 
         that the gradient of the softmax has those rows only.
       batch: see data.LMDataset.batches (arrays of (batch, unroll_steps[, max_chars])).
       state: carried LSTM state; key: dropout and sampler key (one step's key).
-      long_token_rows: see lm_outputs.
+      long_token_rows, long_token_groups: see lm_outputs.
       candidates: softmax_candidates(options, batch, key), or None to draw them here.
       axis_name: None, or the pmap / shard_map axis that splits the batch: ``batch`` and ``state`` are this
         device's rows, the dropout masks are its rows of the whole batch's, and the loss is that of its rows
@@ -359,7 +362,7 @@ def train_loss(params: dict, options: BiLMOptions, batch: dict, state: dict, *, 
     """
     dropout_key, _ = jax.random.split(key)
     outputs, new_state = lm_outputs(params, options, batch, state, key=dropout_key, long_token_rows=long_token_rows,
-                                    axis_name=axis_name)
+                                    long_token_groups=long_token_groups, axis_name=axis_name)
     n_vocab, n_sampled = _n_vocab(options), options.training.n_negative_samples_batch
     softmax = params["softmax"]
     if candidates is None:  # index the whole tables: the softmax gradient is dense, (V, P)

@@ -275,7 +275,7 @@ def dense_train_step(state: TrainState, batch: dict, vocab_char_ids: jax.Array |
 
 def train_step(state: TrainState, batch: dict, vocab_char_ids: jax.Array | None, *, options: BiLMOptions,
                optimizer: optax.GradientTransformation, long_token_rows: int | None = None,
-               compute_dtype=jnp.float32, axis_name=None) -> tuple[TrainState, dict]:
+               compute_dtype=jnp.float32, axis_name=None, long_token_groups: int = 1) -> tuple[TrainState, dict]:
     """One window: sampled-softmax loss, gradients, clip, Adagrad; carries the LSTM state.
 
     The softmax's cost does not grow with the vocabulary: only the rows the step touches (its targets and
@@ -287,7 +287,9 @@ def train_step(state: TrainState, batch: dict, vocab_char_ids: jax.Array | None,
       batch: arrays of (batch, unroll_steps[, max_chars]) (see data.LMDataset.batches).
       vocab_char_ids: (n_tokens_vocab, max_chars) when the softmax is tied to the token embeddings, else None.
       optimizer: make_optimizer's (its updates may be RowSparse).
-      long_token_rows: None, or a bound on the batch's long tokens (see ``long_token_bound``).
+      long_token_rows: None, or a bound on the batch's long tokens (see ``long_token_bound``); with
+        ``long_token_groups``, on those of each of that many equal blocks of rows (under jit over a mesh, its
+        devices: ``long_token_bounds(..., groups)``), so that each device picks and convolves its own.
       compute_dtype: the LMs and the softmax logits run in it (a float32 copy of the params is what is
         updated, so small updates are not rounded away); the loss is reduced in float32.
       axis_name: None under jit (over a mesh or not). Inside a user's ``jax.pmap`` or ``jax.shard_map`` that
@@ -317,7 +319,8 @@ def train_step(state: TrainState, batch: dict, vocab_char_ids: jax.Array | None,
         params = _cast({**dense, "softmax": rows}, compute_dtype)
         loss, (losses, lstm_state) = train_loss(params, options, batch, _cast(state.lstm_state, compute_dtype),
                                                 key=key, vocab_char_ids=vocab_char_ids,
-                                                long_token_rows=long_token_rows, candidates=candidates,
+                                                long_token_rows=long_token_rows,
+                                                long_token_groups=long_token_groups, candidates=candidates,
                                                 axis_name=axis_name)
         # bilm-tf differentiates loss * unroll_steps (a per-sequence rather than per-token scale).
         return loss * options.training.unroll_steps, (loss, (losses, _cast(lstm_state, jnp.float32)))
@@ -404,13 +407,19 @@ def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh, compu
 
     programs = {}  # long_token_rows -> the jitted step for it
 
-    def step(state, batch, vocab_char_ids, long_token_rows=None):
+    def program(long_token_rows=None):
+        """The jitted step for one long-token bound (each device bounds and convolves its own rows' long tokens)."""
         if long_token_rows not in programs:
             one = functools.partial(train_step, options=options, optimizer=optimizer, long_token_rows=long_token_rows,
-                                    compute_dtype=COMPUTE_DTYPES[compute_dtype])
+                                    compute_dtype=COMPUTE_DTYPES[compute_dtype], long_token_groups=mesh.size)
             programs[long_token_rows] = jax.jit(one, in_shardings=(shardings, by_batch, replicated),
                                                 out_shardings=(shardings, replicated), donate_argnums=0)
-        return programs[long_token_rows](state, batch, vocab_char_ids)
+        return programs[long_token_rows]
+
+    def step(state, batch, vocab_char_ids, long_token_rows=None):
+        return program(long_token_rows)(state, batch, vocab_char_ids)
+
+    step.program = program
 
     # {long_token_rows: times its program was compiled}: once each while the state keeps its types
     step.compilations = lambda: {rows: program._cache_size() for rows, program in programs.items()}
@@ -423,31 +432,38 @@ def _compiled(options: BiLMOptions, optimizer_settings: tuple, mesh: Mesh, compu
 BOUNDS_AHEAD = 64
 
 
-def long_token_bounds(batches: list[dict[str, np.ndarray]]) -> list[int | None]:
+def long_token_bounds(batches: list[dict[str, np.ndarray]], row_groups: np.ndarray | None = None,
+                      groups: int = 1) -> list[int | None]:
     """The bound on long tokens that the train step of each global batch may use, or None for none.
 
-    1/16 of the global batch's tokens (both streams, at least 8) when it has no more long tokens than
-    that (almost always in running text), so the char CNN convolves the short ones over their first
-    positions only (``char_cnn.char_cnn``); None otherwise. Each of ``batches`` is this process's rows
-    (numpy): with several processes each counts its own rows and all take the sums, in one small all-gather
+    1/16 of each group's tokens (both streams, at least 8) when no group has more long tokens than that
+    (almost always in running text), so the char CNN convolves the short ones over their first positions only
+    (``char_cnn.char_cnn``); None otherwise. The groups are equal blocks of the global batch's rows, one a
+    device of the step's mesh (``train_step``'s ``long_token_groups``), so each device convolves its own long
+    tokens. Each of ``batches`` is this process's rows (numpy), row i in group ``row_groups[i]`` (default:
+    all in one): with several processes each counts its own rows and all take the sums, in one small all-gather
     for all the batches given, so every host compiles and runs the same programs.
     """
-    counts = np.zeros((len(batches), 2), np.int32)  # (batches, (tokens, long tokens))
+    counts = np.zeros((len(batches), groups, 2), np.int32)  # (batches, groups, (tokens, long tokens))
     for i, batch in enumerate(batches):
-        streams = [batch[name] for name in ("char_ids", "char_ids_reverse") if name in batch]
-        counts[i] = (sum(ids.size // ids.shape[-1] for ids in streams),
-                     sum(int(long_tokens(ids).sum()) for ids in streams))
+        group = np.zeros(len(batch["char_ids"]), np.int64) if row_groups is None else np.asarray(row_groups)
+        for name in ("char_ids", "char_ids_reverse"):
+            if name in batch:
+                ids = batch[name]  # (rows, time, chars)
+                np.add.at(counts[i, :, 0], group, ids.shape[1])
+                np.add.at(counts[i, :, 1], group, long_tokens(ids).sum(axis=1))
     if jax.process_count() > 1 and len(batches):
         from jax.experimental import multihost_utils
 
-        counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)  # (processes, batches, 2)
-    bounds = [max(8, int(tokens) // 16) for tokens, _ in counts]
-    return [bound if int(long) <= bound else None for bound, (_, long) in zip(bounds, counts)]
+        counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)  # (processes, batches, ...)
+    bounds = [max(8, int(per_group[:, 0].max()) // 16) for per_group in counts]
+    return [bound if int(per_group[:, 1].max()) <= bound else None for bound, per_group in zip(bounds, counts)]
 
 
-def long_token_bound(batch: dict[str, np.ndarray]) -> int | None:
+def long_token_bound(batch: dict[str, np.ndarray], row_groups: np.ndarray | None = None,
+                     groups: int = 1) -> int | None:
     """``long_token_bounds`` of one batch (one all-gather of its own with several processes)."""
-    return long_token_bounds([batch])[0]
+    return long_token_bounds([batch], row_groups, groups)[0]
 
 
 _COUNTED_HERE = object()  # Trainer.step's default: the batch's long-token bound is counted in the call
@@ -461,8 +477,10 @@ class BoundedBatches:
     nothing were read ahead, so a checkpoint's cursor continues exactly.
     """
 
-    def __init__(self, batches: Batches, ahead: int | None = None):
+    def __init__(self, batches: Batches, ahead: int | None = None, row_groups: np.ndarray | None = None,
+                 groups: int = 1):
         self.batches, self.ahead = batches, ahead or BOUNDS_AHEAD
+        self.row_groups, self.groups = row_groups, groups  # see long_token_bounds
         self.pending: list[tuple[dict, int | None, dict]] = []  # (batch, bound, cursor after it), oldest first
         self.position, self._state = batches.position, None
 
@@ -476,7 +494,7 @@ class BoundedBatches:
                 read.append((batch, self.batches.get_state()))
             if not read:
                 raise StopIteration
-            bounds = long_token_bounds([batch for batch, _ in read])
+            bounds = long_token_bounds([batch for batch, _ in read], self.row_groups, self.groups)
             self.pending = [(batch, bound, state) for (batch, state), bound in zip(read, bounds)]
         batch, bound, self._state = self.pending.pop(0)
         self.position += 1
@@ -607,6 +625,8 @@ class Trainer:
         # ---- data
         self.vocab = load_vocabulary(config.vocab_file, t.n_tokens_vocab)
         self.rows = host_rows(self.by_batch, t.batch_size)  # this host's rows of the global batch
+        # the device block each of them is in: a step bounds (and convolves) each device's long tokens apart
+        self.row_groups = np.asarray(self.rows) // (t.batch_size // len(devices))
         self.dataset = LMDataset(config.train_prefix, self.vocab, t.batch_size, t.unroll_steps, seed=config.seed,
                                  max_chars=options.char_cnn.max_characters_per_token, rows=self.rows)
         self._batches: BoundedBatches | None = None  # the batch iterator, at the state's data position between steps
@@ -670,7 +690,7 @@ class Trainer:
         long_token_rows: the batch's ``long_token_bounds`` bound (None: no bound) if known (``BoundedBatches``);
         by default it is counted here."""
         if long_token_rows is _COUNTED_HERE:
-            long_token_rows = long_token_bound(batch)
+            long_token_rows = long_token_bound(batch, self.row_groups, self.mesh.size)
         self.state, metrics = self._step(self.state, self.put_batch(batch), self.vocab_char_ids,
                                          long_token_rows=long_token_rows)
         return metrics
@@ -733,11 +753,13 @@ class Trainer:
             return self._batches
         cursor = self._cursor()
         if cursor is not None:
-            self._batches = BoundedBatches(self.dataset.batches(state=cursor))
+            self._batches = BoundedBatches(self.dataset.batches(state=cursor), row_groups=self.row_groups,
+                                           groups=self.mesh.size)
         else:
             self._say(f"{self.run_dir}: no data cursor at data position {position} (a checkpoint written before "
                       f"checkpoints held one): replaying the stream's first {position} batches to reach it")
-            self._batches = BoundedBatches(self.dataset.batches(start=position))
+            self._batches = BoundedBatches(self.dataset.batches(start=position), row_groups=self.row_groups,
+                                           groups=self.mesh.size)
         return self._batches
 
     def _say(self, line: str) -> None:
