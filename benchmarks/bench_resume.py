@@ -177,6 +177,7 @@ def resume_main(args) -> dict:
 def host_data_worker(args) -> dict:
     """One process's host data time per step (run by host_data_main, alone or as one of 2 processes)."""
     import jax
+    import numpy as np
 
     from elmo_jax.sharding import by_batch, data_mesh
     from elmo_jax.train.data import LMDataset, load_vocabulary
@@ -185,17 +186,18 @@ def host_data_worker(args) -> dict:
     if args.processes > 1:
         initialize_distributed()
     rows = host_rows(by_batch(data_mesh(jax.devices())), args.batch)
+    row_groups = np.asarray(rows) // (args.batch // jax.device_count())  # each device's long tokens, as the trainer
     vocab = load_vocabulary(os.path.join(args.corpus, "vocab.txt"))
     data = LMDataset(os.path.join(args.corpus, "train", "*.txt"), vocab, args.batch, args.unroll, rows=rows)
     batches = data.batches()
-    long_token_bounds([next(batches)])  # the first shard's read, the all-gather's compilation
+    long_token_bounds([next(batches)], row_groups, jax.device_count())  # the first shard's read, the all-gather's
     build = agree = build_cpu = 0.0
     for first in range(0, args.batches, args.ahead):  # as the trainer's BoundedBatches: bounds for `ahead` at once
         start, start_cpu = time.perf_counter(), time.thread_time()
         read = [next(batches) for _ in range(min(args.ahead, args.batches - first))]
         middle = time.perf_counter()
         build_cpu += time.thread_time() - start_cpu
-        long_token_bounds(read)
+        long_token_bounds(read, row_groups, jax.device_count())
         build, agree = build + middle - start, agree + time.perf_counter() - middle
     result = {"process": jax.process_index(), "rows": len(rows), "ahead": args.ahead,
               "build_ms": 1e3 * build / args.batches, "build_cpu_ms": 1e3 * build_cpu / args.batches,

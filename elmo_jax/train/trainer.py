@@ -446,12 +446,14 @@ def long_token_bounds(batches: list[dict[str, np.ndarray]], row_groups: np.ndarr
     """
     counts = np.zeros((len(batches), groups, 2), np.int32)  # (batches, groups, (tokens, long tokens))
     for i, batch in enumerate(batches):
-        group = np.zeros(len(batch["char_ids"]), np.int64) if row_groups is None else np.asarray(row_groups)
-        for name in ("char_ids", "char_ids_reverse"):
-            if name in batch:
-                ids = batch[name]  # (rows, time, chars)
-                np.add.at(counts[i, :, 0], group, ids.shape[1])
-                np.add.at(counts[i, :, 1], group, long_tokens(ids).sum(axis=1))
+        streams = [batch[name] for name in ("char_ids", "char_ids_reverse") if name in batch]  # (rows, time, chars)
+        if row_groups is None:
+            counts[i, 0] = (sum(ids.size // ids.shape[-1] for ids in streams),
+                            sum(int(long_tokens(ids).sum()) for ids in streams))
+            continue
+        per_row = sum(long_tokens(ids).sum(axis=1) for ids in streams)  # (rows,)
+        counts[i, :, 0] = np.bincount(row_groups, minlength=groups) * sum(ids.shape[1] for ids in streams)
+        counts[i, :, 1] = np.bincount(row_groups, weights=per_row, minlength=groups)
     if jax.process_count() > 1 and len(batches):
         from jax.experimental import multihost_utils
 
