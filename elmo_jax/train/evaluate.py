@@ -17,7 +17,7 @@ from jax.sharding import Mesh, PartitionSpec
 from ..bilm import token_embedding
 from ..characters import Vocabulary
 from ..options import BiLMOptions
-from ..sharding import by_batch, data_mesh, put_global, replicated
+from ..sharding import by_batch, data_mesh, put_global, replicated, round_up
 from .data import DataError, LMDataset
 from .loss import eval_token_losses, initial_lm_state, vocabulary_softmax
 from .trainer import (TrainConfig, TrainError, TrainState, _init_fn, _optimizer_settings, host_rows, load_config,
@@ -154,7 +154,7 @@ def _place_softmax(w, b, mesh: Mesh, split: bool, placed: bool = False) -> dict:
     included (``vocabulary_embeddings``); b: (n_vocab,) values.
     """
     n_vocab, where = b.shape[0], by_batch(mesh) if split else replicated(mesh)
-    n_rows = w.shape[0] if placed else -(-n_vocab // mesh.size) * mesh.size if split else n_vocab
+    n_rows = w.shape[0] if placed else round_up(n_vocab, mesh.size) if split else n_vocab
     bias = np.full(n_rows, NO_WORD_LOGIT, np.float32)
     bias[:n_vocab] = np.asarray(b)
     if not placed:

@@ -51,7 +51,7 @@ from ..bilm import COMPUTE_DTYPES
 from ..char_cnn import long_tokens
 from ..options import BiLMOptions
 from ..sharding import by_batch as batch_sharding
-from ..sharding import data_mesh, put_global, varying_like
+from ..sharding import data_mesh, put_global, round_up, varying_like
 from ..sharding import replicated as replicated_sharding
 from .data import Batches, LMDataset, load_vocabulary
 from .loss import gather_softmax, init_train_params, initial_lm_state, softmax_candidates, train_loss
@@ -368,7 +368,7 @@ def softmax_table_rows(options: BiLMOptions, shard_softmax: bool) -> int:
     n_vocab = options.training.n_tokens_vocab
     if n_vocab is None:
         raise TrainError("options lack 'n_tokens_vocab': training needs the vocabulary size for the softmax")
-    return -(-n_vocab // SOFTMAX_ROW_BLOCK) * SOFTMAX_ROW_BLOCK if shard_softmax else n_vocab
+    return round_up(n_vocab, SOFTMAX_ROW_BLOCK) if shard_softmax else n_vocab
 
 
 def state_shardings(state: TrainState, mesh: Mesh, shard_softmax: bool = False) -> TrainState:
