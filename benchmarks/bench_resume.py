@@ -177,16 +177,15 @@ def resume_main(args) -> dict:
 def host_data_worker(args) -> dict:
     """One process's host data time per step (run by host_data_main, alone or as one of 2 processes)."""
     import jax
-    import numpy as np
 
     from elmo_jax.sharding import by_batch, data_mesh
     from elmo_jax.train.data import LMDataset, load_vocabulary
-    from elmo_jax.train.trainer import host_rows, initialize_distributed, long_token_bounds
+    from elmo_jax.train.trainer import row_devices, host_rows, initialize_distributed, long_token_bounds
 
     if args.processes > 1:
         initialize_distributed()
     rows = host_rows(by_batch(data_mesh(jax.devices())), args.batch)
-    row_groups = np.asarray(rows) // (args.batch // jax.device_count())  # each device's long tokens, as the trainer
+    row_groups = row_devices(rows, args.batch, jax.device_count())  # each device's long tokens, as the trainer
     vocab = load_vocabulary(os.path.join(args.corpus, "vocab.txt"))
     data = LMDataset(os.path.join(args.corpus, "train", "*.txt"), vocab, args.batch, args.unroll, rows=rows)
     batches = data.batches()

@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
     from jax.sharding import Mesh
 
     from elmo_jax.options import BiLMOptions
-    from elmo_jax.train.trainer import _compiled, long_token_bound
+    from elmo_jax.train.trainer import _compiled, row_devices, long_token_bound
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="2x1024_128")
@@ -238,7 +238,7 @@ def main(argv=None) -> dict:
         init, rows_step = _compiled(options, (0.2, 1.0, 10.0), mesh, args.dtype)
         batches = [random_batch(rng, args.batch, args.unroll, vocab_size) for _ in range(2)]
         # as the Trainer does, per batch, each device's rows bounded apart
-        bounds = [long_token_bound(b, np.arange(args.batch) // (args.batch // len(devices)), len(devices))
+        bounds = [long_token_bound(b, row_devices(range(args.batch), args.batch, len(devices)), len(devices))
                   for b in batches]
         batches = [jax.device_put(b, by_batch) for b in batches]
         steps = {"rows": rows_step}

@@ -447,19 +447,22 @@ def long_token_bounds(batches: list[dict[str, np.ndarray]], row_groups: np.ndarr
     counts = np.zeros((len(batches), groups, 2), np.int32)  # (batches, groups, (tokens, long tokens))
     for i, batch in enumerate(batches):
         streams = [batch[name] for name in ("char_ids", "char_ids_reverse") if name in batch]  # (rows, time, chars)
-        if row_groups is None:
-            counts[i, 0] = (sum(ids.size // ids.shape[-1] for ids in streams),
-                            sum(int(long_tokens(ids).sum()) for ids in streams))
-            continue
+        group = np.zeros(len(streams[0]), np.int64) if row_groups is None else row_groups
         per_row = sum(long_tokens(ids).sum(axis=1) for ids in streams)  # (rows,)
-        counts[i, :, 0] = np.bincount(row_groups, minlength=groups) * sum(ids.shape[1] for ids in streams)
-        counts[i, :, 1] = np.bincount(row_groups, weights=per_row, minlength=groups)
+        counts[i, :, 0] = np.bincount(group, minlength=groups) * sum(ids.shape[1] for ids in streams)
+        counts[i, :, 1] = np.bincount(group, weights=per_row, minlength=groups)
     if jax.process_count() > 1 and len(batches):
         from jax.experimental import multihost_utils
 
         counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)  # (processes, batches, ...)
     bounds = [max(8, int(per_group[:, 0].max()) // 16) for per_group in counts]
     return [bound if int(per_group[:, 1].max()) <= bound else None for bound, per_group in zip(bounds, counts)]
+
+
+def row_devices(rows, batch_size: int, n_devices: int) -> np.ndarray:
+    """The device (its place in the mesh) that holds each of the global batch ``rows`` when the batch is split by
+    rows over ``n_devices`` (``sharding.by_batch``: equal blocks in mesh order): ``long_token_bounds``' groups."""
+    return np.asarray(rows) // (batch_size // n_devices)
 
 
 def long_token_bound(batch: dict[str, np.ndarray], row_groups: np.ndarray | None = None,
@@ -628,7 +631,7 @@ class Trainer:
         self.vocab = load_vocabulary(config.vocab_file, t.n_tokens_vocab)
         self.rows = host_rows(self.by_batch, t.batch_size)  # this host's rows of the global batch
         # the device block each of them is in: a step bounds (and convolves) each device's long tokens apart
-        self.row_groups = np.asarray(self.rows) // (t.batch_size // len(devices))
+        self.row_groups = row_devices(self.rows, t.batch_size, len(devices))
         self.dataset = LMDataset(config.train_prefix, self.vocab, t.batch_size, t.unroll_steps, seed=config.seed,
                                  max_chars=options.char_cnn.max_characters_per_token, rows=self.rows)
         self._batches: BoundedBatches | None = None  # the batch iterator, at the state's data position between steps
