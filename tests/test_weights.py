@@ -1,4 +1,5 @@
 import importlib
+import os
 import sys
 
 import h5py
@@ -114,3 +115,20 @@ def test_failed_write_leaves_no_file(tiny_model, tmp_path):
     with pytest.raises(WeightsError, match="projection"):
         save_hdf5(broken, tiny_model.options, tmp_path / "out.hdf5")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_create_their_temporary_file(tmp_path):
+    """write_atomic hands the writer a fresh name beside the target, which the writer creates: an existing empty
+    file opened with O_TRUNC makes ext4 write all of it back when it is closed (0.25 s of a 10,000-line embed)."""
+    from elmo_jax.weights import write_atomic
+
+    seen = []
+
+    def write(tmp):
+        seen.append((tmp, os.path.exists(tmp)))
+        with open(tmp, "x") as f:  # exclusive creation: fails if the name exists
+            f.write("done")
+
+    write_atomic(tmp_path / "out.txt", write)
+    assert seen[0][1] is False and os.path.dirname(seen[0][0]) == str(tmp_path)
+    assert (tmp_path / "out.txt").read_text() == "done" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
