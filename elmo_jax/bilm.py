@@ -172,7 +172,7 @@ def initial_state(options: BiLMOptions, batch: int, dtype=jnp.float32) -> BiLMSt
 
 def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, state: BiLMState | None = None,
            backward_x: jax.Array | None = None, reset: jax.Array | None = None, fuse_inputs: bool = False,
-           feature_major: bool = False):
+           feature_major: bool = False, split_directions: bool = False):
     """The stacked bidirectional LSTM.
 
     Args:
@@ -185,7 +185,8 @@ def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, st
         back in that reversed order too (see lstm.bidirectional_layer's ``backward_aligned``).
       reset: None, or (batch, time) bool with ``backward_x``: every layer's state is zeroed before these
         steps (a new sentence starts there in a packed lane).
-      fuse_inputs, feature_major: see lstm.bidirectional_layer (the same numbers, faster for inference on a CPU).
+      fuse_inputs, feature_major, split_directions: see lstm.bidirectional_layer (the same numbers, faster for
+        inference on a CPU).
     Returns:
       per-layer outputs, a list of n_layers arrays (batch, time, 2 * projection_dim) [forward, backward],
       zeros at padding; and the final BiLMState.
@@ -201,7 +202,7 @@ def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, st
             layers[layer], inputs, mask,
             (state["forward"][layer], state["backward"][layer]),
             cell_clip=lstm.cell_clip, proj_clip=lstm.proj_clip, backward_aligned=backward_x is not None,
-            reset=reset, fuse_inputs=fuse_inputs, feature_major=feature_major,
+            reset=reset, fuse_inputs=fuse_inputs, feature_major=feature_major, split_directions=split_directions,
         )
         if layer > 0 and lstm.use_skip_connections:
             # Residual on the layer's output only; the carried state is untouched.

@@ -51,11 +51,13 @@ def test_initial_state_is_used():
     np.testing.assert_allclose(ys[0], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("fuse_inputs, feature_major, precomputed", [
-    (False, False, False), (True, False, False), (True, True, False), (False, True, True)])
-def test_bidirectional_layer_equals_two_layers(fuse_inputs, feature_major, precomputed):
+@pytest.mark.parametrize("fuse_inputs, feature_major, precomputed, split", [
+    (False, False, False, False), (True, False, False, False), (True, True, False, False), (False, True, True, False),
+    (False, False, False, True), (True, False, False, True), (True, True, False, True)])
+def test_bidirectional_layer_equals_two_layers(fuse_inputs, feature_major, precomputed, split):
     """Every step layout (input half hoisted; [x, h] @ kernel; kernel^T @ [x; h] feature-major, its transposed
-    weights made here or beforehand) gives two lstm_layers' numbers."""
+    weights made here or beforehand; each with the directions batched or split into their own ops) gives two
+    lstm_layers' numbers."""
     forward, backward = _params(jax.random.key(0)), _params(jax.random.key(5))
     xs, mask, _ = _inputs()
     xs_back = xs * 2.0
@@ -65,7 +67,8 @@ def test_bidirectional_layer_equals_two_layers(fuse_inputs, feature_major, preco
         layer = feature_major_kernels(layer)
         assert layer["kernel_t"].shape == (2, 4 * DIM, IN + PROJ) and layer["projection_t"].shape == (2, PROJ, DIM)
     (fw, bw), (fs, bs) = bidirectional_layer(layer, (xs, xs_back), mask, state, cell_clip=1.0,
-                                             fuse_inputs=fuse_inputs, feature_major=feature_major)
+                                             fuse_inputs=fuse_inputs, feature_major=feature_major,
+                                             split_directions=split)
     fw_ref, fs_ref = lstm_layer(forward, xs, mask, state[0], cell_clip=1.0)
     bw_ref, bs_ref = lstm_layer(backward, xs_back, mask, state[1], cell_clip=1.0, reverse=True)
     for a, b in [(fw, fw_ref), (bw, bw_ref), (fs.h, fs_ref.h), (fs.c, fs_ref.c), (bs.h, bs_ref.h), (bs.c, bs_ref.c)]:
@@ -89,10 +92,11 @@ def test_backward_aligned_equals_flipped_time_axis():
         np.testing.assert_array_equal(bw_a[r, n:], 0.0)
 
 
-@pytest.mark.parametrize("fuse_inputs, feature_major", [(True, False), (True, True)])
-def test_step_layouts_agree_through_resets(fuse_inputs, feature_major):
-    """Packed lanes (backward_aligned, reset flags): the fused and feature-major steps give the hoisted step's
-    numbers, state included."""
+@pytest.mark.parametrize("fuse_inputs, feature_major, split", [
+    (True, False, False), (True, True, False), (False, False, True), (True, False, True), (True, True, True)])
+def test_step_layouts_agree_through_resets(fuse_inputs, feature_major, split):
+    """Packed lanes (backward_aligned, reset flags): the fused and feature-major steps, and the directions split
+    into their own ops, give the hoisted, batched step's numbers, state included."""
     layer = stack_directions(_params(jax.random.key(0)), _params(jax.random.key(5)))
     xs, mask, _ = _inputs()
     reset = jnp.asarray(np.arange(TIME)[None, :] % 3 == np.arange(BATCH)[:, None])  # a new sentence every 3 steps
@@ -100,6 +104,7 @@ def test_step_layouts_agree_through_resets(fuse_inputs, feature_major):
     args = (layer, (xs, xs * 0.5), mask, state)
     want = bidirectional_layer(*args, cell_clip=1.0, proj_clip=0.8, backward_aligned=True, reset=reset)
     got = bidirectional_layer(*args, cell_clip=1.0, proj_clip=0.8, backward_aligned=True, reset=reset,
-                              fuse_inputs=fuse_inputs, feature_major=feature_major)
+                              fuse_inputs=fuse_inputs, feature_major=feature_major, split_directions=split)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, atol=1e-6)
