@@ -80,6 +80,27 @@ def _positive(text: str) -> int:
     return value
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 4 << 20
+
+
+def serve_large_allocations_by_mmap() -> bool:
+    """glibc: serve every allocation of 4 MB or more with its own mmap, returned to the system when freed.
+
+    By default glibc raises this threshold up to 32 MB as large blocks are freed, and then keeps the embed's large
+    blocks (each gather's ~25 MB of vectors, XLA's buffers) on its heap, made and freed by different threads: the
+    peak RSS of 100,000 lines grew to 1,041-1,044 MB against 831 MB at 10,000; with the fixed threshold 796 MB, as
+    fast. Process-wide, so only the CLI sets it. Returns whether it was set (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def enable_compilation_cache() -> str | None:
     """Keep compiled programs between runs in ELMO_JAX_COMPILATION_CACHE (default ~/.cache/elmo_jax/xla; empty:
     off), so that a run after the first one of a model, lane count and device kind does not compile (~1-2 s)."""
@@ -107,6 +128,7 @@ def run_embed(args) -> None:
         raise ValueError("give the model as --model PATH or as --options and --weights, not both")
     check_output_options(args.layout, args.output_dtype)
     get_tokenizer(args.tokenizer)  # an unknown name or a missing sacremoses fails before any work
+    serve_large_allocations_by_mmap()
     enable_compilation_cache()
     if args.distributed:
         from .embed_distributed import embed_distributed

@@ -1,5 +1,6 @@
 import h5py
 import numpy as np
+import pytest
 
 from elmo_jax.cli import main
 
@@ -20,3 +21,21 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "none.json: options file not found" in err and "Traceback" not in err
+
+
+def test_the_embed_command_sets_glibc_mmap_threshold(monkeypatch):
+    """``elmo-jax embed`` fixes glibc's mmap threshold (large blocks go back to the system when freed): the set
+    call succeeds on glibc and is reported as not set elsewhere; run_embed makes it before any work."""
+    import platform
+
+    from elmo_jax import embed_cli
+
+    assert embed_cli.serve_large_allocations_by_mmap() is (platform.libc_ver()[0] == "glibc")
+    called = []
+    monkeypatch.setattr(embed_cli, "serve_large_allocations_by_mmap", lambda: called.append(True))
+    monkeypatch.setattr(embed_cli, "enable_compilation_cache", lambda: (_ for _ in ()).throw(RuntimeError("stop")))
+    args = type("Args", (), {"options": None, "weights": None, "model": None, "layout": "allennlp",
+                             "output_dtype": "float32", "tokenizer": "whitespace"})()
+    with pytest.raises(RuntimeError, match="stop"):
+        embed_cli.run_embed(args)
+    assert called == [True]
