@@ -80,7 +80,7 @@ FEATURE_MAJOR_MIN_BYTES = 8 << 20
 FEATURE_MAJOR_MIN_LANES = 8
 # a CPU's batch-major blocks of this many lanes per device or more run each direction's step as its own ops
 # (lstm.bidirectional_layer's split_directions); the built-in model's layer, 32 steps: 10-18% faster at 32-128 lanes,
-# ~8% at 256, even at 8; feature-major blocks stay batched (2x4096 at 32 lanes: 10% slower split)
+# ~8% at 256, about even at 8; feature-major blocks stay batched (2x4096 at 32 lanes: 10% slower split)
 SPLIT_MIN_LANES = 16
 RING_STEPS = 256  # steps of each lane's outputs kept on the device (doubled when a long sentence needs it)
 IN_FLIGHT = 2  # gathers dispatched ahead of the one being copied back
