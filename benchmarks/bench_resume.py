@@ -23,7 +23,9 @@ the batch (read, encode, copy) and to agree on the long-token bound (``trainer.l
 all-gather between the processes), averaged over ``--batches`` batches after one; also the CPU time of building
 (``build_cpu_ms``: the building thread's own time, which a process waiting for a core shared with the other
 does not count; on separate hosts wall and CPU time agree); the 2 processes once with an
-all-gather a batch and once with one for ``--ahead`` batches, as the trainer does (``BoundedBatches``).
+all-gather a batch and once with one for ``--ahead`` batches, as the trainer does (``BoundedBatches``, which the
+trainer also uses with one process: the one process is timed both ways). Building includes each batch's cursor
+(``get_state``), which ``BoundedBatches`` keeps.
 ``--pin-cores`` puts each process on a core of its own (the one process on core 0), as separate hosts would be;
 without it the processes share the machine's cores with each other's runtime threads.
 ``--beside`` adds a control: two independent one-process runs side by side, each building every row, so that one
@@ -193,10 +195,11 @@ def host_data_worker(args) -> dict:
     build = agree = build_cpu = 0.0
     for first in range(0, args.batches, args.ahead):  # as the trainer's BoundedBatches: bounds for `ahead` at once
         start, start_cpu = time.perf_counter(), time.thread_time()
-        read = [next(batches) for _ in range(min(args.ahead, args.batches - first))]
+        # each batch with its cursor, as BoundedBatches keeps them (a checkpoint after any of them continues exactly)
+        read = [(next(batches), batches.get_state()) for _ in range(min(args.ahead, args.batches - first))]
         middle = time.perf_counter()
         build_cpu += time.thread_time() - start_cpu
-        long_token_bounds(read, row_groups, jax.device_count())
+        long_token_bounds([batch for batch, _ in read], row_groups, jax.device_count())
         build, agree = build + middle - start, agree + time.perf_counter() - middle
     result = {"process": jax.process_index(), "rows": len(rows), "ahead": args.ahead,
               "build_ms": 1e3 * build / args.batches, "build_cpu_ms": 1e3 * build_cpu / args.batches,
@@ -223,7 +226,8 @@ def host_data_main(args) -> dict:
     scratch = tempfile.mkdtemp(prefix="bench_host_data_")
     # (processes launched side by side, processes in the run, ahead): the last is the control, two independent
     # one-process runs at once, so one process's time is also taken with both cores busy, as the 2 processes' is
-    configs = [(1, 1, 1), (2, 2, 1), (2, 2, args.ahead)] + ([(2, 1, 1)] if args.beside else [])
+    # (1, 1, ahead) is the trainer's own path with one process: it reads `ahead` batches at a time there too
+    configs = [(1, 1, 1), (1, 1, args.ahead), (2, 2, 1), (2, 2, args.ahead)] + ([(2, 1, 1)] if args.beside else [])
     for launch, n, ahead in configs:
         port, launched = _free_port(), []
         for index in range(launch):
