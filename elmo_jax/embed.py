@@ -192,17 +192,20 @@ def write_block(params: dict, options: BiLMOptions, table: jax.Array, state, rin
 def gather_tokens(ring: jax.Array, forward_at: jax.Array, backward_at: jax.Array) -> jax.Array:
     """Sentences' token vectors read from the ring, the backward half of each token from its reversed slot.
 
+    One gather straight into the output: taking the two halves apart and concatenating them held a temporary as
+    large as the output (25 MB a gather of the built-in model's 8,192 tokens, all layers) and copied it again.
+
     Args:
       ring: (lanes, ring_steps, [layers,] width); forward_at, backward_at: (rows,) int32 positions
       lane * ring_steps + step of each token's forward and backward halves.
     Returns:
       (rows, [layers,] width).
     """
-    flat = ring.reshape(-1, *ring.shape[2:])  # (lanes * ring_steps, [layers,] width)
-    half = ring.shape[-1] // 2
-    forward = jnp.take(flat, forward_at, axis=0)[..., :half]
-    backward = jnp.take(flat, backward_at, axis=0)[..., half:]
-    return jnp.concatenate([forward, backward], axis=-1)
+    lanes, steps, *lead, width = ring.shape
+    halves = ring.reshape(lanes * steps, -1, 2, width // 2)  # (positions, layers or 1, direction, half)
+    at = jnp.stack([forward_at, backward_at], axis=-1)[:, None, :]  # (rows, 1, direction)
+    vectors = halves[at, jnp.arange(halves.shape[1])[:, None], jnp.arange(2)]  # (rows, layers or 1, 2, half)
+    return vectors.reshape(forward_at.shape[0], *lead, width)
 
 
 class Embedder:
