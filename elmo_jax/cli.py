@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .characters import TokenError
@@ -88,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``elmo-jax`` with ``argv`` (default: sys.argv[1:]); returns the exit status (0, 2 bad input, 130 ^C)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_command(build_parser().parse_args(argv))
+
+
+def run_command(args) -> int:
+    """Run parsed ``elmo-jax`` arguments; returns the exit status (0, 2 bad input, 130 ^C)."""
     try:
         args.func(args)
     except USER_ERRORS as error:
@@ -101,5 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console() -> None:
+    """The installed ``elmo-jax`` command: ``main``, and after a one-process embed that succeeded, an exit that
+    skips tearing the interpreter and JAX's runtime down (freeing the device ring, tables and compiled programs
+    one by one: 0.15-0.2 s of a 6.4 s run of 10,000 lines). Its output file is complete by then: written, closed
+    and renamed."""
+    args = build_parser().parse_args()
+    code = run_command(args)
+    if code == 0 and args.command == "embed" and not args.distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

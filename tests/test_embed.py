@@ -147,6 +147,25 @@ def test_cli_writes_allennlp_layout(tmp_path, cli_args, flag, shape):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
 
 
+def test_the_installed_command_ends_a_finished_embed_at_once(tmp_path, cli_args):
+    """The console entry (``cli.console``, run as ``python -m elmo_jax.cli``) exits without tearing the runtime
+    down after an embed: its summary line is printed and its output complete; bad input still exits 2."""
+    import subprocess
+    import sys
+
+    lines = ["The bank raised rates .", "Hello"]
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    run = subprocess.run([sys.executable, "-m", "elmo_jax.cli", "embed", str(tmp_path / "in.txt"),
+                          str(tmp_path / "out.hdf5"), *cli_args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"wrote {tmp_path / 'out.hdf5'}: 2 sentences, 6 tokens in "), run.stdout
+    with h5py.File(tmp_path / "out.hdf5", "r") as f:
+        assert f["0"].shape == (3, 5, 32) and f["1"].shape == (3, 1, 32)
+    run = subprocess.run([sys.executable, "-m", "elmo_jax.cli", "embed", str(tmp_path / "missing.txt"),
+                          str(tmp_path / "m.hdf5"), *cli_args], capture_output=True, text=True)
+    assert run.returncode == 2 and "missing.txt" in run.stderr and not (tmp_path / "m.hdf5").exists()
+
+
 def test_cli_bad_input_leaves_no_output(tmp_path, cli_args, capsys):
     (tmp_path / "empty_line.txt").write_text("a b\n\nc\n")
     assert main(["embed", str(tmp_path / "empty_line.txt"), str(tmp_path / "o.hdf5"), *cli_args]) == 2
