@@ -177,7 +177,8 @@ def check_params(params: dict, options: BiLMOptions) -> None:
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) on a temporary file beside ``path``, then rename it to ``path``.
 
-    An error or interruption leaves no file at ``path`` (and removes the temporary file).
+    An error or interruption in ``write`` leaves ``path`` as it was (and removes the temporary file); a file
+    already at ``path`` is removed just before the rename.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -191,6 +192,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         os.chmod(tmp, 0o644)
+        # renamed over an existing file, the new one has ext4 (auto_da_alloc) allocate and start writing back all
+        # its blocks before the rename returns: 0.25 s for the 551 MB of 10,000 lines, 0.02 s with no file there
+        if os.path.lexists(path) and not os.path.isdir(path):
+            os.unlink(path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
