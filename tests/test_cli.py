@@ -69,3 +69,16 @@ def test_the_embed_command_sets_its_allocator_policy_first(monkeypatch):
     with pytest.raises(RuntimeError, match="stop"):
         embed_cli.run_embed(args)
     assert called == [True]
+
+
+def test_the_command_line_parser_leaves_the_trainer_unloaded():
+    """Building the ``elmo-jax`` parser (every command, embed included, starts there) registers the train
+    commands without importing the trainer or optax (~70 ms); ``from elmo_jax.train import Trainer`` still works."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, elmo_jax.cli; elmo_jax.cli.build_parser(); "
+             "print([m for m in ('optax', 'elmo_jax.train.trainer') if m in sys.modules]); "
+             "from elmo_jax.train import Trainer, TrainError; print(Trainer.__name__, TrainError.__name__)")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert run.stdout.split("\n")[:2] == ["[]", "Trainer TrainError"], run.stdout

@@ -17,10 +17,14 @@ import sys
 from ..characters import TokenError
 from ..options import BiLMOptions, OptionsError
 from ..weights import WeightsError
-from .data import DataError
-from .trainer import TrainError
 
-_ERRORS = (DataError, TrainError, OptionsError, WeightsError, TokenError, OSError, ValueError)
+
+def _errors() -> tuple:
+    """The user errors a command reports in one line; imported when one is raised (the trainer loads on use)."""
+    from .data import DataError
+    from .trainer import TrainError
+
+    return DataError, TrainError, OptionsError, WeightsError, TokenError, OSError, ValueError
 
 
 def register(subparsers) -> None:
@@ -161,7 +165,7 @@ def train_command(args: argparse.Namespace) -> int:
             devices = jax.local_devices()[: args.devices]
         trainer = Trainer(config, args.out, resume=args.resume, new_data=new_data, devices=devices)
         trainer.train(args.steps if args.resume else None)
-    except _ERRORS as error:
+    except _errors() as error:
         _fail("train", str(error))
     return 0
 
@@ -196,7 +200,7 @@ def perplexity_command(args: argparse.Namespace) -> int:
                             unroll_steps=args.unroll_steps, shard_softmax=args.shard_softmax or config.shard_softmax)
         if jax.process_index() == 0:
             print(json.dumps(result))
-    except _ERRORS as error:
+    except _errors() as error:
         _fail("perplexity", str(error))
     return 0
 
@@ -209,6 +213,6 @@ def export_command(args: argparse.Namespace) -> int:
         if (args.vocab is None) != (args.token_embeddings is None):
             _fail("export", "--vocab and --token-embeddings go together")
         export(args.run_dir, args.weights, args.options, vocab=args.vocab, token_embeddings_out=args.token_embeddings)
-    except _ERRORS as error:
+    except _errors() as error:
         _fail("export", str(error))
     return 0
