@@ -96,9 +96,10 @@ def reuse_freed_memory(trim_every: float | None = TRIM_EVERY_SECONDS) -> bool:
     (the built-in model, 256 lanes), each char-CNN insert of 1,024 tokens 41 MB, each gather 25 MB of output.
     Served by mmap (glibc's rule for 32 MB or more; 4 MB or more with the threshold fixed there before), each is
     fresh memory that the kernel faults in and zeroes: 10,000 lines took ~1M page faults and 1.6-1.9 s of system
-    time. Kept on the heap, 160-360k faults and 0.7-0.8 s. Two arenas shared by all threads, as XLA's workers make
-    the blocks that the writer thread frees. Left alone, the heap's free fragments crept up with the corpus (peak
-    RSS 800 to 950 MB over 100,000 lines); ``malloc_trim`` every 2 s returns them (750-900 MB, no creep).
+    time. Kept on the heap, 0.16-0.45M faults and 0.7-1.0 s: the whole process 6.34-6.64 s against 6.64-6.80 s, at
+    a peak RSS of 793-845 MB against 706-726 MB. Two arenas shared by all threads, as XLA's workers make the blocks
+    that the writer thread frees. Left alone, the heap's free fragments crept up with the corpus (RSS 800 to 950 MB
+    over 100,000 lines); ``malloc_trim`` every 2 s returns them (750-900 MB, no creep).
     Process-wide, so only the CLI sets it. Returns whether it was set (False off glibc)."""
     import ctypes
     import ctypes.util
