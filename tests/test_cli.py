@@ -24,9 +24,8 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
 
 
 REUSE_PROBE = """
-import ctypes, resource, sys
+import ctypes, resource, sys, time
 from elmo_jax.embed_cli import reuse_freed_memory
-import time
 if sys.argv[1] != "off":
     assert reuse_freed_memory(trim_every=None if sys.argv[1] == "on" else 0.05)
 libc = ctypes.CDLL("libc.so.6")

@@ -120,7 +120,7 @@ def test_failed_write_leaves_no_file(tiny_model, tmp_path):
 
 def test_atomic_writes_rename_onto_no_file(tmp_path, monkeypatch):
     """write_atomic replaces an existing file by removing it just before the rename: renamed over a file, ext4
-    writes the new one back before the rename returns (0.25 s of a 10,000-line embed); an error in the writer
+    writes the new one back before the rename returns (0.27 s of a 10,000-line embed); an error in the writer
     leaves the old file as it was."""
     from elmo_jax.weights import write_atomic
 
