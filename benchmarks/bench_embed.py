@@ -173,25 +173,23 @@ def whole_process_benchmark(args, files, sentences, sentence_file) -> dict:
     compilation cache, as on a user's second run."""
     peak = matmul_peak_flops()
     with tempfile.TemporaryDirectory() as tmp:
+        flags = ["--quiet", "--layout", args.layout, "--output-dtype", args.output_dtype, "--dtype", args.dtype]
+        if args.size != "builtin":
+            flags += ["--model", str(files[0])] if len(files) == 1 else ["--options", str(files[0]), "--weights",
+                                                                           str(files[1])]
+        if args.lanes:
+            flags += ["--batch-size", str(args.lanes)]
+        # the child's own peak RSS: GNU time waits for it alone. A child's ru_maxrss from getrusage(RUSAGE_CHILDREN)
+        # would include this process's size when it forked (Linux keeps the larger), ~2.6 GB here at 100,000 lines
+        timer = shutil.which("time")
+        timed = [timer, "-f", "maxrss_kb=%M"] if timer else []
         runs = []  # (seconds, peak RSS in KB, summary line, output file) of each run
         for repeat in range(args.repeats):
             out = os.path.join(tmp, str(repeat), "out.hdf5")
             os.makedirs(os.path.dirname(out))
-            command = [sys.executable, "-m", "elmo_jax.cli", "embed", sentence_file, out, "--quiet",
-                       "--layout", args.layout, "--output-dtype", args.output_dtype, "--dtype", args.dtype]
-            if args.size != "builtin":
-                command += ["--model", str(files[0])] if len(files) == 1 else ["--options", str(files[0]),
-                                                                               "--weights", str(files[1])]
-            if args.lanes:
-                command += ["--batch-size", str(args.lanes)]
-            # the child's own peak RSS: GNU time waits for it alone. A child's ru_maxrss from
-            # getrusage(RUSAGE_CHILDREN) would include this process's size when it forked (Linux keeps the larger),
-            # ~2.6 GB here at 100,000 lines
-            timer = shutil.which("time")
-            if timer:
-                command = [timer, "-f", "maxrss_kb=%M", *command]
             start = time.perf_counter()
-            done = subprocess.run(command, check=True, capture_output=True, text=True)
+            done = subprocess.run([*timed, sys.executable, "-m", "elmo_jax.cli", "embed", sentence_file, out, *flags],
+                                  check=True, capture_output=True, text=True)
             seconds = time.perf_counter() - start
             found = re.findall(r"^maxrss_kb=(\d+)$", done.stderr, re.MULTILINE)
             runs.append((seconds, int(found[-1]) if found else None, done.stdout.strip().splitlines()[-1], out))
