@@ -26,12 +26,15 @@ def short_token_chars(widths, max_chars: int) -> int:
 
 def _convolve_and_pool(params: dict, char_ids: jax.Array, activation: str) -> jax.Array:
     """The char CNN over every position of char_ids (tokens, chars) -> (tokens, sum of n_filters)."""
-    embedded = jnp.take(params["char_embed"], char_ids, axis=0)  # (tokens, chars, char_dim)
+    # the convolutions' dtype (the char embedding may stay float32 in a bfloat16 train step: a gather's gradient
+    # then adds in float32, see trainer.GATHERED_TABLES)
+    dtype = params["convolutions"][0]["kernel"].dtype
+    embedded = jnp.take(params["char_embed"], char_ids, axis=0).astype(dtype)  # (tokens, chars, char_dim)
     act = ACTIVATION_FUNCTIONS[activation]
     pooled = []
     for conv in params["convolutions"]:
         # (tokens, chars - width + 1, n_filters); XLA's convolution (its gradient is 2x faster than im2col's)
-        convolved = jax.lax.conv_general_dilated(embedded, conv["kernel"].astype(embedded.dtype), (1,), "VALID",
+        convolved = jax.lax.conv_general_dilated(embedded, conv["kernel"].astype(dtype), (1,), "VALID",
                                                  dimension_numbers=("NWC", "WIO", "NWC"))
         pooled.append(act(jnp.max(convolved, axis=1) + conv["bias"][None, :]))
     return jnp.concatenate(pooled, axis=-1)

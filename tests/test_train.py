@@ -390,6 +390,38 @@ def test_bfloat16_compute_trains_with_float32_params_and_state(tmp_path):
         _config(compute_dtype="float16")
 
 
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it (jit, scan, while, cond, custom rules)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bfloat16_step_adds_the_gradients_of_gathered_rows_in_float32(tied):
+    """The char embedding and the softmax rows are gathered from float32 tables in a bfloat16 step, so their
+    gradients (scatter-adds: 20x slower in bfloat16 than in float32 on an H200, which made the whole step 78x
+    slower there) add in float32, while the LMs run in bfloat16."""
+    options = BiLMOptions.from_dict({**TINY, "share_embedding_softmax": tied})
+    settings = (0.2, 1.0, 10.0)
+    state = jax.eval_shape(_init_fn(options, settings), jax.random.PRNGKey(0), None)
+    batch = {name: jax.ShapeDtypeStruct((4, 5), jnp.int32) for name in
+             ("token_ids", "next_token_id", "token_ids_reverse", "next_token_id_reverse")}
+    batch.update({name: jax.ShapeDtypeStruct((4, 5, 50), jnp.int32) for name in ("char_ids", "char_ids_reverse")})
+    vocab_char_ids = jax.ShapeDtypeStruct((N_VOCAB, 50), jnp.int32) if tied else None
+    step = functools.partial(train_step, options=options, optimizer=_make_optimizer(*settings),
+                             compute_dtype=jnp.bfloat16)
+    equations = list(_equations(jax.make_jaxpr(step)(state, batch, vocab_char_ids).jaxpr))
+    added = {eqn.outvars[0].aval.dtype for eqn in equations if eqn.primitive.name == "scatter-add"}
+    assert jnp.dtype(jnp.float32) in added and jnp.dtype(jnp.bfloat16) not in added, added
+    products = {eqn.outvars[0].aval.dtype for eqn in equations if eqn.primitive.name == "dot_general"}
+    assert jnp.dtype(jnp.bfloat16) in products  # the check sees a bfloat16 step
+
+
 # ---------------------------------------------------------------- (c) data parallel
 
 

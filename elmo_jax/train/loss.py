@@ -376,12 +376,17 @@ def train_loss(params: dict, options: BiLMOptions, batch: dict, state: dict, *, 
         elif vocab_char_ids is None:
             raise ValueError("share_embedding_softmax needs vocab_char_ids (the vocabulary's char ids)")
         else:
+            # float32, so that the gradients of the slots gathered below add in float32 (exact: a widening)
             w = token_embedding(params, options, vocab_char_ids.at[c.ids].get(mode="fill", fill_value=0))
+            w = w.astype(jnp.float32)
         true_w, sampled_w = w[c.label_slots], w[c.sampled_slots]  # (directions, n, P), (directions, S, P)
         true_b, sampled_b = softmax["b"][c.label_slots], softmax["b"][c.sampled_slots]
     directions = _directions(options)
     hidden = jnp.stack([outputs[d] for d in directions])
     hidden = hidden.reshape(len(directions), -1, hidden.shape[-1])  # (directions, batch * time, P)
+    # the rows in the LMs' dtype, gathered first: a float32 table's gradient then adds in float32 (see
+    # trainer.GATHERED_TABLES); the biases stay as they are, as the logits are summed in float32
+    true_w, sampled_w = true_w.astype(hidden.dtype), sampled_w.astype(hidden.dtype)
 
     def direction_loss(hidden, labels, sampled, tries, true_w, true_b, sampled_w, sampled_b):
         per_token = sampled_softmax_loss(
