@@ -52,24 +52,12 @@ import numpy as np
 from elmo_jax import BiLM, BiLMOptions
 from elmo_jax.embed import Embedder
 from elmo_jax.pretrained import default_model_files
+from peak import matmul_peak
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_BENCH = pathlib.Path(os.environ.get("ELMO_JAX_BENCH", ROOT.parent / "shared" / "bench"))
 SIZES = ["builtin", "2x4096_512_2048cnn_2xhighway", "2x2048_256_2048cnn_1xhighway", "2x1024_128_2048cnn_1xhighway",
          "small", "efml"]
-
-
-def matmul_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 10) -> float:
-    """Best FLOP/s of a jitted n x n matmul on the default device."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 def token_layer_flops(options: BiLMOptions) -> float:
@@ -133,15 +121,15 @@ def compare_peers(args, files, sentence_file: str, read_ours) -> dict:
 
 def model_benchmark(args, files, sentences, sentence_file) -> dict:
     """Warm passes of embed_sentences (compiled in a first pass): the model's speed and its fraction of peak."""
-    peak = matmul_peak_flops(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    peak = matmul_peak(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     embedder = Embedder(*files, batch_size=args.lanes, block_steps=args.block_steps, dtype=args.dtype)
     start = time.perf_counter()
-    outputs = list(embedder.embed_sentences(sentences))  # first pass: compiles, fills the token table
+    outputs = list(embedder.embed_sentences(sentences, mode=args.mode))  # first pass: compiles, fills the token table
     first_pass = time.perf_counter() - start
     passes = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        for _ in embedder.embed_sentences(sentences):
+        for _ in embedder.embed_sentences(sentences, mode=args.mode):
             pass
         passes.append(time.perf_counter() - start)
     seconds = min(passes)
@@ -150,7 +138,7 @@ def model_benchmark(args, files, sentences, sentence_file) -> dict:
     distinct = len({t for s in sentences for t in s}) + 2
     result = {
         "what": "model, warm passes", "size": args.size, "device": jax.devices()[0].device_kind,
-        "n_devices": jax.device_count(), "dtype": args.dtype, "lanes": embedder.lanes,
+        "n_devices": jax.device_count(), "dtype": args.dtype, "mode": args.mode, "lanes": embedder.lanes,
         "block_steps": embedder.block_steps, "sentences": len(sentences), "tokens": n_tokens,
         "seconds": round(seconds, 4), "seconds_all": [round(s, 4) for s in passes],
         "tokens_per_s": round(n_tokens / seconds, 1), "first_pass_seconds": round(first_pass, 2),
@@ -171,7 +159,7 @@ def whole_process_benchmark(args, files, sentences, sentence_file) -> dict:
     each into a new directory (the peers' figure is their best warm pass of as many); all runs are reported. Each
     run traces its programs; one that an earlier run (of this benchmark or not) compiled loads from the CLI's
     compilation cache, as on a user's second run."""
-    peak = matmul_peak_flops()
+    peak = matmul_peak()
     with tempfile.TemporaryDirectory() as tmp:
         flags = ["--quiet", "--layout", args.layout, "--output-dtype", args.output_dtype, "--dtype", args.dtype]
         if args.size != "builtin":
@@ -267,7 +255,8 @@ def main() -> None:
                         help="compute dtype; both: float32, then bfloat16 (one JSON line each; for a GPU)")
     parser.add_argument("--layout", choices=["allennlp", "packed"], default="allennlp")
     parser.add_argument("--output-dtype", choices=["float32", "float16"], default="float32")
-    parser.add_argument("--mode", choices=["all", "top", "average", "token"], default="all")
+    parser.add_argument("--mode", choices=["all", "top", "average", "token"], default="all",
+                        help="the layers returned, by the model and --host-only benchmarks (the peers return all)")
     parser.add_argument("--sink", choices=["file", "none"], default="file",
                         help="--host-only: write the HDF5 file (default), or stop at the writer's input (no disk)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -286,6 +275,8 @@ def main() -> None:
     args = parser.parse_args()
     if (args.size == "efml") != args.compare_efml and (args.compare_efml or args.compare_allennlp or args.compare_tf):
         parser.error("--compare-efml goes with --size efml, and --compare-allennlp/--compare-tf with the others")
+    if args.mode != "all" and (args.compare_efml or args.compare_allennlp or args.compare_tf):
+        parser.error("--compare-* compares all layers: leave --mode at all")
 
     files = model_files(args.size, pathlib.Path(args.weights_dir), args)
     with open(args.sentences, encoding="utf-8") as f:

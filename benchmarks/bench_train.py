@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peak import matmul_peak
+
 jax.config.update("jax_num_cpu_devices", 4)  # the all-reduce count's mesh; the step is timed on --devices
 
 CONFIGS = {
@@ -69,20 +71,6 @@ def forward_flops_per_token(options) -> float:
     softmax = 2 * p * (t.n_negative_samples_batch + 1)
     directions = 2 if t.bidirectional else 1
     return directions * (conv + highway + projection + lstm_flops + softmax)
-
-
-def matmul_peak(n: int, repeats: int = 5, dtype=jnp.float32) -> float:
-    """Measured FLOP/s of an (n, n) @ (n, n) matmul in ``dtype`` on the default device."""
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    mm = jax.jit(lambda x, y: x @ y)
-    mm(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 def random_batch(rng: np.random.Generator, batch: int, unroll: int, vocab_size: int) -> dict[str, np.ndarray]:
@@ -266,8 +254,7 @@ def main(argv=None) -> dict:
     for run in runs:
         del run["state"]  # frees the large softmax tables before the peak and the compiles below
 
-    peak_n = args.peak_n or (8192 if devices[0].platform == "gpu" else 2048)
-    peak = matmul_peak(peak_n, dtype=jnp.dtype(args.dtype)) * len(devices)
+    peak = matmul_peak(jnp.dtype(args.dtype), args.peak_n) * len(devices)
     results = []
     for run in runs:
         tokens_per_s = run["steps"] * args.batch * args.unroll / run["elapsed"]

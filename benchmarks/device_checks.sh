@@ -4,6 +4,9 @@
 #
 # #16: bench_embed.py at the published size 2x4096_512_2048cnn_2xhighway, float32 and bfloat16 (tokens/s, fraction
 #      of the device's matmul peak measured in the same dtype).
+#      With what reads those figures: the top layer alone (a third of the output bytes), the host side alone
+#      (--host-only) and the device-to-host copy rate (bench_transfer.py). On the H200 of 2026-12-04 all layers
+#      in float32 moved at that copy rate (README, Performance).
 # #18: bench_train.py at 2x4096_512 and the published 793,471-word vocabulary, float32 and bfloat16 (tokens/s,
 #      fraction of the matmul peak).
 #
@@ -11,12 +14,12 @@
 # copied once into an ignored folder that travels with the run:
 #
 #     mkdir -p .devicebench && cp ../shared/bench/{make_weights.py,common.py,sentences.txt} .devicebench/
-#     grep -qx '/.devicebench/' .git/info/exclude || echo /.devicebench/ >> .git/info/exclude
+#     mkdir -p .git/info && (grep -qx '/.devicebench/' .git/info/exclude || echo /.devicebench/ >> .git/info/exclude)
 #
-# then run(command="bash benchmarks/device_checks.sh", carry=[".devicebench"], timeout_s=540). Its packages are
-# the machine's own (JAX with CUDA, h5py, flax, optax, orbax, tqdm): nothing is installed, the repository is put
-# on PYTHONPATH. Each benchmark prints one JSON line, copied under $OUT. DEVICE_CHECKS_QUICK=1 runs the same
-# commands at a tiny size (a CPU check of this script).
+# then run(command="bash benchmarks/device_checks.sh", carry=[".devicebench"], timeout_s=540): ~4 minutes on an
+# H200, with the machine's start. Its packages are the machine's own (JAX with CUDA, h5py, flax, optax, orbax,
+# tqdm): nothing is installed, the repository is put on PYTHONPATH. Each benchmark prints JSON lines, copied
+# under $OUT. DEVICE_CHECKS_QUICK=1 runs the same commands at a tiny size (a CPU check of this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 ELMO_JAX_BENCH="$PWD/.devicebench"
@@ -43,4 +46,9 @@ timeout 270 "$python" benchmarks/bench_embed.py --size "$embed_size" --max-sente
 for dtype in float32 bfloat16; do
     timeout 120 "$python" benchmarks/bench_train.py "${train[@]}" --dtype "$dtype" | tee -a "$OUT/train.json" || status=1
 done
+timeout 60 "$python" benchmarks/bench_transfer.py | tee "$OUT/transfer.json" || status=1
+timeout 90 "$python" benchmarks/bench_embed.py --size "$embed_size" --max-sentences "$sentences" --mode top \
+    --sentences .devicebench/sentences.txt | tee "$OUT/embed_top.json" || status=1
+timeout 60 "$python" benchmarks/bench_embed.py --size "$embed_size" --max-sentences "$sentences" --host-only --sink none \
+    --sentences .devicebench/sentences.txt | tee "$OUT/embed_host.json" || status=1
 exit "$status"
