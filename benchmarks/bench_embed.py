@@ -119,10 +119,32 @@ def compare_peers(args, files, sentence_file: str, read_ours) -> dict:
     return out
 
 
+def route_gathers(embedder: Embedder, route: str) -> None:
+    """An experiment on the Embedder's private gather (the package has no such option yet), for a GPU, where
+    copying the gathered outputs to the host bounded the Embedder (README, Performance):
+    - device: as the package does, the host copies each gather when it reads it (``np.asarray``);
+    - copy_async: each gather's copy to the host starts as soon as it is dispatched (``copy_to_host_async``);
+    - pinned_host: each gather is put into the device's pinned host memory as soon as it is dispatched.
+    """
+    if route == "device":
+        return
+    gather = embedder._gather
+
+    def routed(*args):
+        out = gather(*args)
+        if route == "copy_async":
+            out.copy_to_host_async()
+            return out
+        return jax.device_put(out, out.sharding.with_memory_kind("pinned_host"))
+
+    embedder._gather = routed
+
+
 def model_benchmark(args, files, sentences, sentence_file) -> dict:
     """Warm passes of embed_sentences (compiled in a first pass): the model's speed and its fraction of peak."""
     peak = matmul_peak(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     embedder = Embedder(*files, batch_size=args.lanes, block_steps=args.block_steps, dtype=args.dtype)
+    route_gathers(embedder, args.gathers)
     start = time.perf_counter()
     outputs = list(embedder.embed_sentences(sentences, mode=args.mode))  # first pass: compiles, fills the token table
     first_pass = time.perf_counter() - start
@@ -138,7 +160,8 @@ def model_benchmark(args, files, sentences, sentence_file) -> dict:
     distinct = len({t for s in sentences for t in s}) + 2
     result = {
         "what": "model, warm passes", "size": args.size, "device": jax.devices()[0].device_kind,
-        "n_devices": jax.device_count(), "dtype": args.dtype, "mode": args.mode, "lanes": embedder.lanes,
+        "n_devices": jax.device_count(), "dtype": args.dtype, "mode": args.mode, "gathers": args.gathers,
+        "lanes": embedder.lanes,
         "block_steps": embedder.block_steps, "sentences": len(sentences), "tokens": n_tokens,
         "seconds": round(seconds, 4), "seconds_all": [round(s, 4) for s in passes],
         "tokens_per_s": round(n_tokens / seconds, 1), "first_pass_seconds": round(first_pass, 2),
@@ -257,6 +280,9 @@ def main() -> None:
     parser.add_argument("--output-dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--mode", choices=["all", "top", "average", "token"], default="all",
                         help="the layers returned, by the model and --host-only benchmarks (the peers return all)")
+    parser.add_argument("--gathers", choices=["device", "copy_async", "pinned_host"], default="device",
+                        help="the model benchmark: how the gathered outputs reach the host (an experiment, see "
+                             "route_gathers)")
     parser.add_argument("--sink", choices=["file", "none"], default="file",
                         help="--host-only: write the HDF5 file (default), or stop at the writer's input (no disk)")
     parser.add_argument("--repeats", type=int, default=3)

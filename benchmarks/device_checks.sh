@@ -6,7 +6,7 @@
 #      of the device's matmul peak measured in the same dtype).
 #      With what reads those figures: the top layer alone (a third of the output bytes), the host side alone
 #      (--host-only) and the device-to-host copy rate (bench_transfer.py). On the H200 of 2026-12-04 all layers
-#      in float32 moved at that copy rate (README, Performance).
+#      in float32 moved at that copy rate (README, Performance); --gathers tries two ways past it.
 # #18: bench_train.py at 2x4096_512 and the published 793,471-word vocabulary, float32 and bfloat16 (tokens/s,
 #      fraction of the matmul peak).
 #
@@ -16,7 +16,7 @@
 #     mkdir -p .devicebench && cp ../shared/bench/{make_weights.py,common.py,sentences.txt} .devicebench/
 #     mkdir -p .git/info && (grep -qx '/.devicebench/' .git/info/exclude || echo /.devicebench/ >> .git/info/exclude)
 #
-# then run(command="bash benchmarks/device_checks.sh", carry=[".devicebench"], timeout_s=540): ~4 minutes on an
+# then run(command="bash benchmarks/device_checks.sh", carry=[".devicebench"], timeout_s=540): ~6 minutes on an
 # H200, with the machine's start. Its packages are the machine's own (JAX with CUDA, h5py, flax, optax, orbax,
 # tqdm): nothing is installed, the repository is put on PYTHONPATH. Each benchmark prints JSON lines, copied
 # under $OUT. DEVICE_CHECKS_QUICK=1 runs the same commands at a tiny size (a CPU check of this script).
@@ -51,4 +51,10 @@ timeout 90 "$python" benchmarks/bench_embed.py --size "$embed_size" --max-senten
     --sentences .devicebench/sentences.txt | tee "$OUT/embed_top.json" || status=1
 timeout 60 "$python" benchmarks/bench_embed.py --size "$embed_size" --max-sentences "$sentences" --host-only --sink none \
     --sentences .devicebench/sentences.txt | tee "$OUT/embed_host.json" || status=1
+# the experiment that comes next (bench_embed.route_gathers): the gathers' copies started at dispatch, or into
+# pinned host memory, against the float32 line of embed.json
+for gathers in copy_async pinned_host; do
+    timeout 90 "$python" benchmarks/bench_embed.py --size "$embed_size" --max-sentences "$sentences" --gathers "$gathers" \
+        --sentences .devicebench/sentences.txt | tee -a "$OUT/embed_gathers.json" || status=1
+done
 exit "$status"
