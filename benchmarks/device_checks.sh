@@ -49,12 +49,12 @@ done
 timeout 60 "$python" benchmarks/bench_transfer.py | tee "$OUT/transfer.json" || status=1
 timeout 90 "$python" benchmarks/bench_embed.py --size "$embed_size" --max-sentences "$sentences" --mode top \
     --sentences .devicebench/sentences.txt | tee "$OUT/embed_top.json" || status=1
-timeout 60 "$python" benchmarks/bench_embed.py --size "$embed_size" --max-sentences "$sentences" --host-only --sink none \
-    --sentences .devicebench/sentences.txt | tee "$OUT/embed_host.json" || status=1
+timeout 60 "$python" benchmarks/bench_embed.py --size "$embed_size" --max-sentences "$sentences" --host-only \
+    --sink none --sentences .devicebench/sentences.txt | tee "$OUT/embed_host.json" || status=1
 # the experiment that comes next (bench_embed.route_gathers): the gathers' copies started at dispatch, or into
 # pinned host memory, against the float32 line of embed.json
 for gathers in copy_async pinned_host; do
-    timeout 90 "$python" benchmarks/bench_embed.py --size "$embed_size" --max-sentences "$sentences" --gathers "$gathers" \
-        --sentences .devicebench/sentences.txt | tee -a "$OUT/embed_gathers.json" || status=1
+    timeout 90 "$python" benchmarks/bench_embed.py --size "$embed_size" --max-sentences "$sentences" \
+        --gathers "$gathers" --sentences .devicebench/sentences.txt | tee -a "$OUT/embed_gathers.json" || status=1
 done
 exit "$status"
