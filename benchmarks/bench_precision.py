@@ -4,10 +4,10 @@ precision and with full float32, and what full float32 costs.
     python benchmarks/bench_precision.py --size 2x4096_512_2048cnn_2xhighway --max-sentences 2000 --mode top
 
 XLA's default precision for float32 matmuls and convolutions on a GPU is TF32-like (an H200 ran an 8192
-float32 product at 362 TFLOP/s, over 5x its rated float32), so the Embedder's float32 outputs there may differ from
-the CPU's (the originals' numbers) by more than the 1e-5 we promise; ``jax.default_matmul_precision("float32")``
-around the calls restores full float32. This measures both, to choose the default. On a CPU both are full
-float32 and equal the reference.
+float32 product at 362 TFLOP/s, over 5x its rated float32), so the Embedder's float32 outputs there may
+differ from the CPU's (the originals' numbers) by more than the 1e-5 we promise;
+``jax.default_matmul_precision("float32")`` around the calls restores full float32. This measures both, to
+choose the default. On a CPU both are full float32 and equal the reference.
 
 Prints one JSON line per precision: tokens/s (best of --repeats warm passes) and the largest absolute
 difference from the CPU backend's outputs (the same Embedder on ``jax.devices("cpu")``).
