@@ -140,20 +140,27 @@ def route_gathers(embedder: Embedder, route: str) -> None:
     embedder._gather = routed
 
 
+def timed_passes(embedder: Embedder, sentences, mode: str, repeats: int) -> tuple[list, float, list[float]]:
+    """(the first pass's outputs, its seconds, the seconds of ``repeats`` warm passes) of embed_sentences; the
+    first pass compiles and fills the token table."""
+    start = time.perf_counter()
+    outputs = list(embedder.embed_sentences(sentences, mode=mode))
+    first_pass = time.perf_counter() - start
+    passes = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in embedder.embed_sentences(sentences, mode=mode):
+            pass
+        passes.append(time.perf_counter() - start)
+    return outputs, first_pass, passes
+
+
 def model_benchmark(args, files, sentences, sentence_file) -> dict:
     """Warm passes of embed_sentences (compiled in a first pass): the model's speed and its fraction of peak."""
     peak = matmul_peak(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     embedder = Embedder(*files, batch_size=args.lanes, block_steps=args.block_steps, dtype=args.dtype)
     route_gathers(embedder, args.gathers)
-    start = time.perf_counter()
-    outputs = list(embedder.embed_sentences(sentences, mode=args.mode))  # first pass: compiles, fills the token table
-    first_pass = time.perf_counter() - start
-    passes = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        for _ in embedder.embed_sentences(sentences, mode=args.mode):
-            pass
-        passes.append(time.perf_counter() - start)
+    outputs, first_pass, passes = timed_passes(embedder, sentences, args.mode, args.repeats)
     seconds = min(passes)
     options, n_tokens = embedder.options, sum(map(len, sentences))
     bilstm = lstm_flops(options) * (n_tokens + len(sentences))

@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-from bench_embed import SHARED_BENCH, SIZES, model_files
+from bench_embed import SHARED_BENCH, SIZES, model_files, timed_passes
 from elmo_jax.embed import Embedder
 
 
@@ -51,14 +51,7 @@ def main() -> None:
     for precision in ["default", "float32"]:
         # the precision is read when the Embedder's programs are traced, so every pass runs inside it
         with contextlib.nullcontext() if precision == "default" else jax.default_matmul_precision(precision):
-            embedder = Embedder(*files)
-            outputs = list(embedder.embed_sentences(sentences, mode=args.mode))  # compiles
-            passes = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                for _ in embedder.embed_sentences(sentences, mode=args.mode):
-                    pass
-                passes.append(time.perf_counter() - start)
+            outputs, _, passes = timed_passes(Embedder(*files), sentences, args.mode, args.repeats)
         diff = max(float(np.abs(ours - theirs).max()) for ours, theirs in zip(outputs, reference))
         print(json.dumps({
             "what": "float32 outputs against the CPU's", "size": args.size, "device": jax.devices()[0].device_kind,
