@@ -60,6 +60,13 @@ SIZES = ["builtin", "2x4096_512_2048cnn_2xhighway", "2x2048_256_2048cnn_1xhighwa
          "small", "efml"]
 
 
+def first_lines(path: str, n: int) -> list[str]:
+    """The first ``n`` non-blank lines of ``path``, cycled if it has fewer."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    return (lines * (-(-n // len(lines))))[:n]
+
+
 def token_layer_flops(options: BiLMOptions) -> float:
     """FLOPs of char CNN + highway + projection for one token."""
     c = options.char_cnn
@@ -312,9 +319,7 @@ def main() -> None:
         parser.error("--compare-* compares all layers: leave --mode at all")
 
     files = model_files(args.size, pathlib.Path(args.weights_dir), args)
-    with open(args.sentences, encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    lines = (lines * (-(-args.max_sentences // len(lines))))[: args.max_sentences]
+    lines = first_lines(args.sentences, args.max_sentences)
     with tempfile.TemporaryDirectory() as tmp:
         sentence_file = os.path.join(tmp, "sentences.txt")
         with open(sentence_file, "w", encoding="utf-8") as f:

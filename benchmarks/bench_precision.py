@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-from bench_embed import SHARED_BENCH, SIZES, model_files, timed_passes
+from bench_embed import SHARED_BENCH, SIZES, first_lines, model_files, timed_passes
 from elmo_jax.embed import Embedder
 
 
@@ -40,9 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     files = model_files(args.size, pathlib.Path(args.weights_dir), args)
-    with open(args.sentences, encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    sentences = [line.split() for line in (lines * (-(-args.max_sentences // len(lines))))[: args.max_sentences]]
+    sentences = [line.split() for line in first_lines(args.sentences, args.max_sentences)]
     n_tokens = sum(map(len, sentences))
     start = time.perf_counter()
     reference = list(Embedder(*files, devices=jax.devices("cpu")).embed_sentences(sentences, mode=args.mode))

@@ -242,6 +242,14 @@ def _all_reduced_shapes(hlo: str) -> list[tuple[int, ...]]:
     return shapes
 
 
+def _batch_shapes() -> dict:
+    """The shapes and dtypes of a bidirectional training batch of 4 rows x 5 steps (to trace a step without data)."""
+    batch = {name: jax.ShapeDtypeStruct((4, 5), jnp.int32) for name in
+             ("token_ids", "next_token_id", "token_ids_reverse", "next_token_id_reverse")}
+    batch.update({name: jax.ShapeDtypeStruct((4, 5, 50), jnp.int32) for name in ("char_ids", "char_ids_reverse")})
+    return batch
+
+
 def test_data_parallel_step_all_reduces_the_touched_softmax_rows_only():
     """4 devices, a 5,000-word vocabulary: no all-reduce carries a (5000, P) or (5000,) array; the dense one does."""
     vocab = 5000
@@ -253,9 +261,7 @@ def test_data_parallel_step_all_reduces_the_touched_softmax_rows_only():
     state = jax.eval_shape(_init_fn(options, settings), jax.random.PRNGKey(0), None)
     shardings = state._replace(params=replicated, opt_state=replicated, step=replicated, lstm_state=by_batch,
                                data_position=replicated, key=replicated)
-    batch = {name: jax.ShapeDtypeStruct((4, 5), jnp.int32) for name in
-             ("token_ids", "next_token_id", "token_ids_reverse", "next_token_id_reverse")}
-    batch.update({name: jax.ShapeDtypeStruct((4, 5, 50), jnp.int32) for name in ("char_ids", "char_ids_reverse")})
+    batch = _batch_shapes()
 
     def compiled(step):
         program = jax.jit(step, in_shardings=(shardings, by_batch, replicated), out_shardings=(shardings, replicated))
@@ -409,9 +415,7 @@ def test_bfloat16_step_adds_the_gradients_of_gathered_rows_in_float32(tied):
     options = BiLMOptions.from_dict({**TINY, "share_embedding_softmax": tied})
     settings = (0.2, 1.0, 10.0)
     state = jax.eval_shape(_init_fn(options, settings), jax.random.PRNGKey(0), None)
-    batch = {name: jax.ShapeDtypeStruct((4, 5), jnp.int32) for name in
-             ("token_ids", "next_token_id", "token_ids_reverse", "next_token_id_reverse")}
-    batch.update({name: jax.ShapeDtypeStruct((4, 5, 50), jnp.int32) for name in ("char_ids", "char_ids_reverse")})
+    batch = _batch_shapes()
     vocab_char_ids = jax.ShapeDtypeStruct((N_VOCAB, 50), jnp.int32) if tied else None
     step = functools.partial(train_step, options=options, optimizer=_make_optimizer(*settings),
                              compute_dtype=jnp.bfloat16)
