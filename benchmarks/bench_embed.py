@@ -16,8 +16,9 @@ Three measurements (one JSON line each):
 
 Random weights at the published sizes come from ../shared/bench/make_weights.py (exact original layout);
 ``--size builtin`` is the model shipped in the package. "Peak" is a 2048 x 2048 float32 matmul measured in
-this process. FLOPs count the biLSTM steps a sentence needs, each token plus one boundary per direction (<S>
-forward, </S> backward: the packed slots' ``n + 1`` steps; padding not counted), and, where
+this process. FLOPs count the biLSTM steps a sentence needs: one a token and direction, the packed slots' ``n``
+steps (the state after <S> / </S> is the same for every sentence and computed once a block; before 2026-12-04's
+sentence start state, ``n + 1``; padding not counted), and, where
 reported, the char CNN + highway once per distinct token. On a GPU, ``--dtype both`` measures float32 and
 bfloat16 in one command, each against the matmul peak measured in its own dtype:
 
@@ -51,6 +52,7 @@ import numpy as np
 
 from elmo_jax import BiLM, BiLMOptions
 from elmo_jax.embed import Embedder
+from elmo_jax.lanes import slot_steps
 from elmo_jax.pretrained import default_model_files
 from peak import matmul_peak
 
@@ -73,6 +75,11 @@ def token_layer_flops(options: BiLMOptions) -> float:
     cnn = sum(2 * (c.max_characters_per_token - w + 1) * w * c.char_embedding_dim * n for w, n in c.filters)
     highway = c.n_highway * 2 * (2 * c.n_filters * c.n_filters)
     return cnn + highway + 2 * (options.tokens.word_dim + c.n_filters) * options.lstm.projection_dim
+
+
+def slot_tokens(sentences) -> int:
+    """The biLSTM steps (a step of all layers, both directions) that the sentences need: their packed slots'."""
+    return int(slot_steps(np.fromiter(map(len, sentences), np.int64)).sum())
 
 
 def lstm_flops(options: BiLMOptions) -> float:
@@ -170,7 +177,7 @@ def model_benchmark(args, files, sentences, sentence_file) -> dict:
     outputs, first_pass, passes = timed_passes(embedder, sentences, args.mode, args.repeats)
     seconds = min(passes)
     options, n_tokens = embedder.options, sum(map(len, sentences))
-    bilstm = lstm_flops(options) * (n_tokens + len(sentences))
+    bilstm = lstm_flops(options) * slot_tokens(sentences)
     distinct = len({t for s in sentences for t in s}) + 2
     result = {
         "what": "model, warm passes", "size": args.size, "device": jax.devices()[0].device_kind,
@@ -234,7 +241,7 @@ def whole_process_benchmark(args, files, sentences, sentence_file) -> dict:
             "peak_rss_of": "the process, the most of all runs (GNU time)" if found else
             "getrusage(RUSAGE_CHILDREN): at least this benchmark's own size",
             "file_mb": round(os.path.getsize(out) / 2**20, 1),
-            "bilstm_fraction_of_peak": round(lstm_flops(options) * (n_tokens + len(sentences)) / seconds / peak, 3),
+            "bilstm_fraction_of_peak": round(lstm_flops(options) * slot_tokens(sentences) / seconds / peak, 3),
             "matmul_peak_gflops": round(peak / 1e9, 1),
         }
         if args.compare_allennlp or args.compare_tf or args.compare_efml:

@@ -214,6 +214,26 @@ def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, st
     return outputs, new_state
 
 
+def sentence_start_state(params: dict, options: BiLMOptions, bos: jax.Array, eos: jax.Array, rows: int = 1,
+                         **layout) -> list[dict]:
+    """Every layer's state at a sentence's first token: the forward LM's after <S>, the backward LM's after </S>,
+    each from zero state. Stateless, it is the same for every sentence, so packed lanes (``embed.py``) reset to it
+    and run no boundary step.
+
+    Args:
+      params: as for ``bilstm``; bos, eos: (projection_dim,) the boundary tokens' vectors; rows: the batch it is
+        computed in (as wide as the blocks that use it, so the matmuls are the blocks'); layout: ``bilstm``'s
+        fuse_inputs, feature_major, split_directions.
+    Returns:
+      per layer {"reset_h": (2, projection_dim), "reset_c": (2, dim)}, [forward, backward] (lstm.RESET_KEYS).
+    """
+    x = jnp.broadcast_to(bos, (rows, 1, bos.shape[-1]))
+    backward_x = jnp.broadcast_to(eos, (rows, 1, eos.shape[-1]))
+    _, state = bilstm(params, options, x, jnp.ones((rows, 1), bool), backward_x=backward_x, **layout)
+    return [{"reset_h": jnp.stack([f.h[0], b.h[0]]), "reset_c": jnp.stack([f.c[0], b.c[0]])}
+            for f, b in zip(state["forward"], state["backward"])]
+
+
 def stacked_lstm_params(params: dict) -> dict:
     """{"forward": [layer], "backward": [layer]} -> {"stacked": [stack_directions(forward, backward) per layer]}."""
     return {"stacked": [stack_directions(f, b) for f, b in zip(params["forward"], params["backward"])]}

@@ -8,10 +8,11 @@ How a stream of sentences is embedded (packed lanes, as continuous batching in L
 2. The biLSTM runs the lanes in blocks of ``block_steps`` steps, one compiled program per (lanes, steps,
    mode) whatever the corpus. A block in which few lanes are busy (a short input, the end of any input) runs
    only those, in the fewest of ``lanes.lane_subsets`` (a few more programs), where that pays for compiling
-   the program (``lanes.drain_lanes``, timed at a stream's end). A reset flag beside the mask
-   zeroes a lane's state where a sentence starts, so every sentence is computed exactly as if alone from
-   zero state (stateless). The backward LM reads each sentence reversed within its slot. State, gathers and
-   outputs stay inside the jitted block.
+   the program (``lanes.drain_lanes``, timed at a stream's end). A reset flag beside the mask sets a
+   lane's state where a sentence starts to the state after the sentence boundary (<S> forward, </S> backward,
+   from zero state: the same for every sentence, computed in the block), so every sentence is computed exactly
+   as if alone from zero state (stateless) and no step runs a boundary. The backward LM reads each sentence
+   reversed within its slot. State, gathers and outputs stay inside the jitted block.
 3. Each block writes its outputs into a device ring of recent steps; a gather program reads finished
    sentences from it, whole and in input order (each token's backward half from its reversed slot), into one
    (tokens, [layers,] dim) array in the output dtype. Blocks and gathers are dispatched asynchronously; the
@@ -36,10 +37,11 @@ from jax.sharding import PartitionSpec
 import numpy as np
 
 from . import char_cnn
-from .bilm import COMPUTE_DTYPES, BiLM, bilstm, initial_state, split_token_ids, stacked_lstm_params, token_embedding
+from .bilm import (COMPUTE_DTYPES, BiLM, bilstm, initial_state, sentence_start_state, split_token_ids,
+                   stacked_lstm_params, token_embedding)
 from .characters import TokenError
-from .lanes import (GatherPlan, Slots, Timeline, TokenTable, choose_lanes, drain_lanes, flat_token_ids, lane_subsets,
-                    slot_steps, widen)
+from .lanes import (BOS_ROW, EOS_ROW, GatherPlan, Slots, Timeline, TokenTable, choose_lanes, drain_lanes,
+                    flat_token_ids, lane_subsets, slot_steps, widen)
 from .lstm import feature_major_kernels
 from .options import BiLMOptions
 from .sharding import by_batch, data_mesh, replicated, round_up
@@ -82,6 +84,9 @@ FEATURE_MAJOR_MIN_LANES = 8
 # (lstm.bidirectional_layer's split_directions); the built-in model's layer, 32 steps: 10-18% faster at 32-128 lanes,
 # ~8% at 256, about even at 8; feature-major blocks stay batched (2x4096 at 32 lanes: 10% slower split)
 SPLIT_MIN_LANES = 16
+# the rows the sentence start state is computed in (embed_block): one for a batch-major block, whose matmul kernels then
+# give each row's numbers bit for bit as in a block of 256 lanes on the CPU here; 8 feature-major (bit for bit too)
+START_ROWS = {False: 1, True: 8}
 RING_STEPS = 256  # steps of each lane's outputs kept on the device (doubled when a long sentence needs it)
 IN_FLIGHT = 2  # gathers dispatched ahead of the one being copied back
 DRAIN_MIN_BLOCKS = 4  # blocks on all lanes timed before a stream's end weighs compiling against running
@@ -143,9 +148,11 @@ def embed_block(params: dict, options: BiLMOptions, table: jax.Array, state, for
     """One block of the packed, stateless biLM.
 
     Args:
-      table: (capacity, projection_dim) token vectors; forward, backward: (lanes, steps) int32 table rows,
-      the backward LM's reversed within each sentence's slot; reset, mask: (lanes, steps) bool; state: BiLMState
-      of (lanes, ...) at the block's first step; fuse_inputs, feature_major, split_directions: see
+      params: the Embedder's, params["lstm"] in ``stacked_lstm_params``' form.
+      table: (capacity, projection_dim) token vectors, <S> and </S> at BOS_ROW and EOS_ROW; forward, backward:
+      (lanes, steps) int32 table rows, the backward LM's reversed within each sentence's slot; reset, mask:
+      (lanes, steps) bool, reset where a sentence's first token is; state: BiLMState of (lanes, ...) at the block's
+      first step; fuse_inputs, feature_major, split_directions: see
       lstm.bidirectional_layer (the same numbers).
     Returns:
       (lanes, steps, layers, 2 * projection_dim) for mode "all", else (lanes, steps, 2 * projection_dim), the
@@ -155,8 +162,13 @@ def embed_block(params: dict, options: BiLMOptions, table: jax.Array, state, for
     backward_x = jnp.take(table, backward, axis=0)
     layers = [token_layer(forward_x, backward_x, mask)]
     if mode != "token":  # the context-free layer needs no LSTM
-        outputs, state = bilstm(params["lstm"], options, forward_x, mask, state, backward_x=backward_x, reset=reset,
-                               fuse_inputs=fuse_inputs, feature_major=feature_major, split_directions=split_directions)
+        layout = {"fuse_inputs": fuse_inputs, "feature_major": feature_major, "split_directions": split_directions}
+        # what a reset sets: every layer's state after <S> (forward) and </S> (backward), one row's worth of steps
+        start = sentence_start_state(params["lstm"], options, table[BOS_ROW], table[EOS_ROW],
+                                     rows=START_ROWS[feature_major], **layout)
+        lstm_params = {"stacked": [{**layer, **s} for layer, s in zip(params["lstm"]["stacked"], start)]}
+        outputs, state = bilstm(lstm_params, options, forward_x, mask, state, backward_x=backward_x, reset=reset,
+                                **layout)
         layers += outputs
     activations = _reduce_layers(jnp.stack(layers), mode, weights)  # ([layers,] lanes, steps, 2 * projection_dim)
     return (jnp.moveaxis(activations, 0, 2) if mode == "all" else activations), state

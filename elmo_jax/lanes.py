@@ -1,15 +1,17 @@
 """Packed lanes: the host side of the Embedder's biLSTM (numpy only, no JAX).
 
 A fixed number of lanes (rows) runs in fixed blocks of time steps. Each lane is a stream of sentences
-back to back, each in its own slot of ``n + 1`` steps (``slot_steps``)::
+back to back, each in its own slot of ``n`` steps, one a token (``slot_steps``)::
 
-    forward lane 0:  <S> a1 a2 a3 <S> d1 d2 <S> g1 ...       reset at each slot's first step: the state is zeroed
-    backward lane 0: </S> a3 a2 a1 </S> d2 d1 </S> g...      the same slots, each sentence reversed
+    forward lane 0:  a1 a2 a3 d1 d2 g1 ...       reset at each slot's first step to the state after <S>
+    backward lane 0: a3 a2 a1 d2 d1 g...         the same slots, each sentence reversed; reset to the state after </S>
 
-The forward LM needs <S> before the tokens and the backward LM </S> after them, but neither needs the other
+No LM runs a boundary step. The forward LM reads <S> before the tokens and the backward LM </S> after them, but
+stateless, each does so from zero state, so the state after the boundary is the same for every sentence: the
+device computes it once (``bilm.sentence_start_state``) and a slot's reset sets it. Neither LM needs the other
 boundary: its output there is no token's vector (stateless outputs drop <S> and </S>, as AllenNLP's
-ElmoEmbedder does), and the state after it is zeroed by the next slot's reset. So a slot is one step shorter
-than the sentence with both boundaries (~5% of the biLSTM at 19 tokens a sentence).
+ElmoEmbedder does). So a slot is two steps shorter than the sentence with both boundaries (~10% of the biLSTM at
+19 tokens a sentence).
 
 Sentences come in windows; a window's sentences go longest first into the lane that frees up first, so
 the lanes end together and padding exists only at the very end of the input. A slot's steps hold rows of
@@ -17,8 +19,8 @@ the token table (``TokenTable``: the token vectors that live on the device), so 
 integer/bool arrays: forward rows, backward rows, reset and mask, each (lanes, block_steps).
 
 The device keeps the last steps of every lane's outputs in a ring; ``GatherPlan`` says where each finished
-sentence's vectors are, in input order: the forward half of token j at its slot's step j + 1, the backward
-half at step n - j. A short input known in advance gets no more lanes than it fills (``choose_lanes``), and
+sentence's vectors are, in input order: the forward half of token j at its slot's step j, the backward
+half at step n - 1 - j. A short input known in advance gets no more lanes than it fills (``choose_lanes``), and
 blocks where few lanes are busy run only those (``lane_subsets``).
 """
 
@@ -37,9 +39,8 @@ BOS_ROW, EOS_ROW = 0, 1  # the token table's first rows
 
 
 def slot_steps(lengths: np.ndarray) -> np.ndarray:
-    """(sentences,) tokens -> (sentences,) int64 steps of their slots: <S> (forward) or </S> (backward), then the
-    tokens."""
-    return np.asarray(lengths, np.int64) + 1
+    """(sentences,) tokens -> (sentences,) int64 steps of their slots: one a token (no boundary step)."""
+    return np.asarray(lengths, np.int64)
 
 
 def within(counts: np.ndarray) -> np.ndarray:
@@ -50,7 +51,7 @@ def within(counts: np.ndarray) -> np.ndarray:
 
 class Slots(NamedTuple):
     """Where a window's sentences run. index: (sentences,) their positions in the input; lane, start:
-    (sentences,) their lane and first step (<S>); length: (sentences,) their tokens, without <S> and </S>."""
+    (sentences,) their lane and first step; length: (sentences,) their tokens, without <S> and </S>."""
 
     index: np.ndarray
     lane: np.ndarray
@@ -207,27 +208,20 @@ def choose_lanes(steps: np.ndarray, max_lanes: int, multiple: int, block_steps: 
 
 
 def slot_rows(token_rows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sentences' table rows in their slots (``slot_steps``): forward <S> then the tokens, backward </S> then the
-    tokens reversed.
+    """Sentences' table rows in their slots (``slot_steps``): forward the tokens, backward the tokens reversed.
 
     Args:
       token_rows: (tokens,) the table rows of all sentences' tokens, back to back.
       lengths: (sentences,) tokens per sentence.
     Returns:
-      forward, backward: (tokens + sentences,) int32.
+      forward, backward: (tokens,) int32.
     """
-    steps = slot_steps(lengths)
-    slot_offsets = np.concatenate([[0], np.cumsum(steps)])  # (sentences + 1,)
-    first = slot_offsets[:-1]
-    forward = np.empty(slot_offsets[-1], np.int32)
-    backward = np.empty(slot_offsets[-1], np.int32)
-    forward[first], backward[first] = BOS_ROW, EOS_ROW
-    # token j of a sentence of n tokens: forward at its slot's step 1 + j, backward at step n - j
-    j = within(lengths)
-    slot = np.repeat(first, lengths)
-    forward[slot + 1 + j] = token_rows
-    backward[slot + np.repeat(lengths, lengths) - j] = token_rows
-    return forward, backward
+    token_rows = np.asarray(token_rows, np.int32)
+    # token j of a sentence of n tokens: forward at its slot's step j, backward at step n - 1 - j
+    lengths = np.asarray(lengths, np.int64)
+    ends = np.repeat(np.cumsum(lengths), lengths)  # each token's slot end
+    backward = token_rows[ends - 1 - within(lengths)] if len(token_rows) else token_rows.copy()
+    return token_rows.copy(), backward
 
 
 class Timeline:
@@ -401,7 +395,7 @@ class GatherPlan:
 
     def ready(self, done: int) -> int:
         """How many of the next sentences have all their steps in the ring (``done`` steps written)."""
-        finished = np.where(self.length > 0, self.start + slot_steps(self.length), 0) <= done
+        finished = self.start + slot_steps(self.length) <= done  # an empty sentence has length 0 and start 0
         return len(finished) if finished.all() else int(np.argmin(finished))
 
     def ready_tokens(self, done: int) -> int:
@@ -422,8 +416,8 @@ class GatherPlan:
     def positions(self, slots: Slots, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Ring positions (lane * steps + step % steps) of the forward and backward halves of each token.
 
-        Token j of a sentence of n tokens in slot [a, a + n + 1): forward at step a + 1 + j, backward at step
-        a + n - j (its slot is reversed). Returns two (k,) int32 arrays, k = the tokens rounded up to a multiple
+        Token j of a sentence of n tokens in slot [a, a + n): forward at step a + j, backward at step a + n - 1 - j
+        (its slot is reversed). Returns two (k,) int32 arrays, k = the tokens rounded up to a multiple
         of ``rows`` (padding reads position 0).
         """
         lengths = slots.length
@@ -434,8 +428,8 @@ class GatherPlan:
         padded = max(rows, -(-total // rows) * rows)
         forward = np.zeros(padded, np.int32)
         backward = np.zeros(padded, np.int32)
-        forward[:total] = base + (start + 1 + j) % self.steps
-        backward[:total] = base + (start + np.repeat(lengths, lengths) - j) % self.steps
+        forward[:total] = base + (start + j) % self.steps
+        backward[:total] = base + (start + np.repeat(lengths, lengths) - 1 - j) % self.steps
         return forward, backward
 
     def relayout(self, done: int, steps: int) -> np.ndarray:

@@ -5,8 +5,10 @@ One step:
     c = sigmoid(f + 1.0) * c_prev + sigmoid(i) * tanh(j)          clipped to +-cell_clip
     h = (sigmoid(o) * tanh(c)) @ projection                       clipped to +-proj_clip
 A padded step (mask False) keeps (h, c) and emits zeros, so a reverse scan starts each sentence's
-backward pass at its own last token. An optional reset flag zeroes (h, c) before its step: packed lanes
-(``embed.py``) run many sentences back to back in one row and reset at each sentence's first step.
+backward pass at its own last token. An optional reset flag sets (h, c) before its step to the layer's
+"reset_h" and "reset_c" params, or to zero without them: packed lanes (``embed.py``) run many sentences back to
+back in one row and reset at each sentence's first step (to the state after the boundary token, which is the
+same for every sentence: ``bilm.sentence_start_state``).
 The input half of the gates is computed for all time steps in one matmul before the scan, and the scan
 does only the recurrent half; or, ``fuse_inputs``, each step does ``[x, h_prev] @ kernel`` as one matmul, as
 TF's LSTMCell does (faster for inference on a CPU with many rows); or, ``feature_major``, the same one matmul
@@ -27,6 +29,7 @@ import numpy as np
 from .sharding import varying_like
 
 FORGET_BIAS = 1.0  # TF LSTMCell's default forget_bias; not stored in the weight files.
+RESET_KEYS = ("reset_h", "reset_c")  # optional layer params: the state a reset flag sets (lstm_step)
 
 
 class LSTMState(NamedTuple):
@@ -90,7 +93,8 @@ def lstm_step(params: dict, state: LSTMState, inputs: tuple, *, cell_clip, proj_
     """One time step.
 
     inputs = (x_gates (..., batch, 4 * dim), mask (..., batch)) or (x_gates, mask, reset (..., batch)) ->
-    (state, h (..., batch, projection_dim)); where reset is True the step starts from zero state. When
+    (state, h (..., batch, projection_dim)); where reset is True the step starts from params["reset_h"] (...,
+    projection_dim) and params["reset_c"] (..., dim) where given, else from zero state. When
     ``params`` holds the whole "kernel" (..., in_dim + projection_dim, 4 * dim) and "bias", inputs[0] is the
     layer input x (..., batch, in_dim) and the step computes its gates as ``[x, h_prev] @ kernel + bias``
     (``bidirectional_layer(fuse_inputs=True)``); otherwise ``params["recurrent_kernel"]`` (..., projection_dim,
@@ -106,7 +110,10 @@ def lstm_step(params: dict, state: LSTMState, inputs: tuple, *, cell_clip, proj_
     per_row = (lambda a: a[..., None, :]) if feature_major else (lambda a: a[..., None])  # (..., batch) broadcast
     if reset:
         keep_state = per_row(jnp.logical_not(reset[0]))
-        state = LSTMState(h=jnp.where(keep_state, state.h, 0), c=jnp.where(keep_state, state.c, 0))
+        # the state a reset sets: (..., features) broadcast over the rows, (..., 1, features) or (..., features, 1)
+        start = [0 if k not in params else params[k][..., :, None] if feature_major else params[k][..., None, :]
+                 for k in RESET_KEYS]
+        state = LSTMState(h=jnp.where(keep_state, state.h, start[0]), c=jnp.where(keep_state, state.c, start[1]))
     if feature_major:
         gates = params["kernel_t"] @ jnp.concatenate([x, state.h], axis=-2) + params["bias"][..., :, None]
     elif "kernel" in params:
@@ -184,7 +191,8 @@ def bidirectional_layer(layer: dict, xs: tuple[jax.Array, jax.Array], mask: jax.
       xs: (forward inputs, backward inputs), each (batch, time, in_dim).
       mask: (batch, time) bool.
       state: (forward LSTMState, backward LSTMState).
-      reset: None, or (batch, time) bool: zero both directions' state before these steps (with
+      reset: None, or (batch, time) bool: set both directions' state to layer["reset_h"], ["reset_c"] (2, ...)
+        where given, else zero it, before these steps (with
         ``backward_aligned``, where the packed lanes of ``embed.py`` start a new sentence).
       fuse_inputs: compute the gates inside each step as ``[x, h_prev] @ kernel``, one matmul per step,
         instead of the input half for all steps before the scan. The same numbers (to float rounding); on a
@@ -221,6 +229,7 @@ def bidirectional_layer(layer: dict, xs: tuple[jax.Array, jax.Array], mask: jax.
     else:
         scanned = (jnp.moveaxis(input_gates(layer, inputs), 2, 0),)  # (time, 2, batch, 4 * dim)
     scanned += (jnp.moveaxis(masks, 2, 0),)
+    step_params.update({k: layer[k] for k in RESET_KEYS if k in layer})
     if reset is not None:
         scanned += (jnp.moveaxis(jnp.stack([reset, flip(reset)]), 2, 0),)
     if split_directions:

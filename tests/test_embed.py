@@ -255,16 +255,16 @@ def test_feature_major_steps_weigh_a_smaller_step_overhead(tiny_model, monkeypat
 def test_blocks_with_few_busy_lanes_run_only_those():
     assert lane_subsets(128) == (128, 32, 16, 8, 1) and lane_subsets(8) == (8, 2, 1) and lane_subsets(1) == (1,)
     timeline = Timeline(lanes=8, block_steps=4, subsets=lane_subsets(8))
-    lengths = np.array([21, 11] + [2] * 12)  # 22 and 12 steps in lanes 0 and 1; 12 of 3 steps in lanes 2-7
-    timeline.place(np.arange(14), lengths, np.arange(56, dtype=np.int32) + 2)
+    lengths = np.array([22, 12] + [3] * 12)  # 22 and 12 steps in lanes 0 and 1; 12 of 3 steps in lanes 2-7
+    timeline.place(np.arange(14), lengths, np.arange(70, dtype=np.int32) + 2)
     blocks = timeline.pop_blocks(final=True)
     assert [None if b.active is None else b.active.tolist() for b in blocks] == [None, None, [0, 1], [0], [0], [0]]
     two = Timeline(lanes=8, block_steps=4, subsets=lane_subsets(4), devices=2)  # lanes 0-3 and 4-7
-    two.place(np.arange(14), lengths, np.arange(56, dtype=np.int32) + 2)
+    two.place(np.arange(14), lengths, np.arange(70, dtype=np.int32) + 2)
     assert [None if b.active is None else b.active.tolist() for b in two.pop_blocks(final=True)] == [
         None, None, None, [0, 4], [0, 4], [0, 4]]  # the same count on each device (lanes 0 and 1: 2 of 4 on one)
     whole = Timeline(lanes=8, block_steps=4)  # the same placement, every block on all lanes
-    whole.place(np.arange(14), lengths, np.arange(56, dtype=np.int32) + 2)
+    whole.place(np.arange(14), lengths, np.arange(70, dtype=np.int32) + 2)
     for block, full in zip(blocks, whole.pop_blocks(final=True)):
         lanes = slice(None) if block.active is None else block.active
         assert not full.mask[np.setdiff1d(np.arange(8), np.arange(8)[lanes])].any()  # nothing busy is left out
@@ -285,12 +285,12 @@ def test_an_inputs_end_compiles_a_lane_subset_only_where_it_pays():
 
 
 def test_a_widened_block_is_the_block_timeline_makes_with_those_lanes():
-    lengths = np.array([21, 11] + [2] * 12)
+    lengths = np.array([22, 12] + [3] * 12)
     for devices in (1, 2):
         part, made = 8 // devices, []
         for subsets in (lane_subsets(part), (part,), (part, 2)):
             timeline = Timeline(lanes=8, block_steps=4, subsets=subsets, devices=devices)
-            timeline.place(np.arange(14), lengths, np.arange(56, dtype=np.int32) + 2)
+            timeline.place(np.arange(14), lengths, np.arange(70, dtype=np.int32) + 2)
             made.append(timeline.pop_blocks(final=True))
         widened = 0
         for block, full, pair in zip(*made):
@@ -346,37 +346,34 @@ def test_lane_subsets_keep_the_numbers(tiny_model):
 
 
 def test_slots_reset_and_reverse_each_sentence():
-    # a slot is <S> and the tokens forward, </S> and the tokens reversed backward: neither LM needs the other boundary
+    # a slot is the tokens forward and the tokens reversed backward: the state after <S> / </S> is what a reset sets
     forward, backward = slot_rows(np.array([10, 11, 12, 20]), np.array([3, 1]))
-    assert forward.tolist() == [0, 10, 11, 12, 0, 20]
-    assert backward.tolist() == [1, 12, 11, 10, 1, 20]
+    assert forward.tolist() == [10, 11, 12, 20]
+    assert backward.tolist() == [12, 11, 10, 20]
     timeline = Timeline(lanes=2, block_steps=4)
     slots = timeline.place(np.array([0, 1, 2]), np.array([3, 1, 2]), np.array([10, 11, 12, 20, 30, 31]))
-    assert slots.lane.tolist() == [0, 1, 1] and slots.start.tolist() == [0, 3, 0]  # longest first
+    assert slots.lane.tolist() == [0, 1, 1] and slots.start.tolist() == [0, 2, 0]  # longest first
     blocks = timeline.pop_blocks(final=True)
-    assert [b.first_step for b in blocks] == [0, 4]
-    assert blocks[0].forward.tolist() == [[0, 10, 11, 12], [0, 30, 31, 0]]
-    assert blocks[0].backward.tolist() == [[1, 12, 11, 10], [1, 31, 30, 1]]
-    assert blocks[0].reset.tolist() == [[True, False, False, False], [True, False, False, True]]
-    assert blocks[1].forward.tolist() == [[0, 0, 0, 0], [20, 0, 0, 0]]
-    assert blocks[1].backward.tolist() == [[0, 0, 0, 0], [20, 0, 0, 0]]
-    assert blocks[1].reset.tolist() == [[False] * 4, [False] * 4]
-    assert blocks[1].mask.tolist() == [[False] * 4, [True, False, False, False]]
+    assert [b.first_step for b in blocks] == [0]
+    assert blocks[0].forward.tolist() == [[10, 11, 12, 0], [30, 31, 20, 0]]
+    assert blocks[0].backward.tolist() == [[12, 11, 10, 0], [31, 30, 20, 0]]
+    assert blocks[0].reset.tolist() == [[True, False, False, False], [True, False, True, False]]
+    assert blocks[0].mask.tolist() == [[True, True, True, False], [True, True, True, False]]
 
 
 def test_gather_plan_reads_whole_sentences_in_input_order_and_unreverses_the_backward_half():
-    # ring of 8 steps, 2 lanes: sentence 5 (3 tokens) in lane 1 at steps 6..9, sentence 6 empty, sentence 7
-    # (1 token) in lane 0 at steps 0..1
+    # ring of 8 steps, 2 lanes: sentence 5 (3 tokens) in lane 1 at steps 6..8, sentence 6 empty, sentence 7
+    # (1 token) in lane 0 at step 0
     plan = GatherPlan(steps=8)
     plan.add(Slots(np.array([5, 6, 7]), np.array([1, 0, 0]), np.array([6, 0, 0]), np.array([3, 0, 1])))
-    assert plan.oldest_start() == 0 and plan.ready(done=9) == 0  # sentence 5 ends at step 9
-    assert plan.ready(done=10) == 3 and plan.ready_tokens(done=10) == 4
-    taken = plan.take(done=10, rows=3)  # sentences 5 and 6 (empty): with 7 they would be 4 tokens
+    assert plan.oldest_start() == 0 and plan.ready(done=8) == 0  # sentence 5 ends at step 8
+    assert plan.ready(done=9) == 3 and plan.ready_tokens(done=9) == 4
+    taken = plan.take(done=9, rows=3)  # sentences 5 and 6 (empty): with 7 they would be 4 tokens
     assert taken.index.tolist() == [5, 6] and len(plan) == 1
     forward, backward = plan.positions(taken, rows=3)
-    assert forward.tolist() == [8 + 7, 8 + 0, 8 + 1]  # steps 7, 8, 9 modulo 8 in lane 1
-    assert backward.tolist() == [8 + 1, 8 + 0, 8 + 7]  # steps 9, 8, 7: the slot reversed
-    assert plan.take(done=10, rows=3).index.tolist() == [7] and plan.oldest_start() == float("inf")
+    assert forward.tolist() == [8 + 6, 8 + 7, 8 + 0]  # steps 6, 7, 8 modulo 8 in lane 1
+    assert backward.tolist() == [8 + 0, 8 + 7, 8 + 6]  # steps 8, 7, 6: the slot reversed
+    assert plan.take(done=9, rows=3).index.tolist() == [7] and plan.oldest_start() == float("inf")
     source = GatherPlan(steps=4).relayout(done=10, steps=8)  # steps 6..9 were at 2, 3, 0, 1
     assert source[[6, 7, 0, 1]].tolist() == [2, 3, 0, 1]
 
@@ -477,7 +474,7 @@ def test_a_streams_last_sentences_are_packed_together_so_the_lanes_end_together(
         blocks = [item for kind, item in stream if kind == "block"]
     finally:
         stream.stop()
-    fewest = -(-int(np.sum(lengths + 1)) // (8 * 4))
+    fewest = -(-int(np.sum(slot_steps(lengths))) // (8 * 4))
     assert (len(blocks) <= fewest + 1) == lanes_end_together
 
 
