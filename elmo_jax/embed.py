@@ -296,7 +296,9 @@ class Embedder:
         self._capacity = capacity
         self._table = self._new_table(capacity)
         self._table_lock = threading.Lock()  # one stream at a time uses (and extends) the shared table
-        self._table = self._fill(self._table, 0, self._tokens.tokens)
+        # the pinned rows (<S>, </S>, the vocabulary) reach the device with a stream's first new tokens, in the char CNN
+        # calls of their sizes: filled apart, they took a program of their own (130 ms of the CLI's start)
+        self._pinned_on_device = False
 
     def step_overhead_lanes(self, lanes: int) -> float:
         """A block step's fixed cost in lanes' worth (``choose_lanes``, ``drain_lanes``): on a CPU 32
@@ -354,14 +356,14 @@ class Embedder:
         return jax.device_put(np.zeros((capacity, self.options.lstm.projection_dim), self.dtype),
                               replicated(self.mesh))
 
-    def _fill(self, table, first_row: int, new: list[str]):
-        """Write the vectors of ``new`` tokens (rows first_row, ...) into the device table, in bucketed calls."""
+    def _fill(self, table, rows: np.ndarray, new: list[str]):
+        """Write the vectors of ``new`` tokens into the device table at ``rows`` ((new,) int), in bucketed calls."""
         if self.stand_in_device or not new:
             return table
+        rows = np.asarray(rows, np.int32)
         max_chars = self.options.char_cnn.max_characters_per_token
         token_ids = self.model.characters.tokens_ids(new)  # (new, token_id_width)
         chars, words = split_token_ids(self.options, token_ids)
-        rows = np.arange(first_row, first_row + len(new), dtype=np.int32)
         is_long = char_cnn.long_tokens(chars) if self.short_chars < max_chars else np.ones(len(new), bool)
         for kind, chosen, width in (("short", ~is_long, self.short_chars), ("long", is_long, max_chars)):
             ids, where = chars[chosen, :width], rows[chosen]
@@ -438,11 +440,12 @@ class Embedder:
         mode, weights = self._mode(mode)
         shared = self._table_lock.acquire(blocking=False)
         if shared:
-            tokens, device = self._tokens, _DeviceTable(self._table)
+            tokens = self._tokens
+            device = _DeviceTable(self._table, [] if self._pinned_on_device else tokens.tokens[: tokens.n_pinned])
         else:  # another stream is running on this Embedder: a private table
             tokens = TokenTable(self._capacity, self._tokens.tokens[2 : self._tokens.n_pinned],
                                 self.model.characters.boundary_tokens)
-            device = _DeviceTable(self._fill(self._new_table(self._capacity), 0, tokens.tokens))
+            device = _DeviceTable(self._new_table(self._capacity), tokens.tokens[: tokens.n_pinned])
         stream = _Stream(self, sentences, lanes, tokens, allow_empty, validate)
         completed = False
         try:
@@ -452,6 +455,7 @@ class Embedder:
             stream.stop()
             if shared:
                 self._table = device.table  # the last table (earlier ones were donated to the updates)
+                self._pinned_on_device = not device.unfilled
                 if not completed:  # the host map may name rows the device never received: keep the pinned rows
                     tokens.compact(np.zeros(0, np.int32))
                 self._table_lock.release()
@@ -505,7 +509,17 @@ class Embedder:
             out = np.asarray(parts[0]) if len(parts) == 1 else np.concatenate([np.asarray(p) for p in parts])
             return out[:n] if parts else np.zeros((0, *lead, width), dtype), taken.length
 
+        def fill(first_row: int, new: list[str]) -> None:
+            """Write new tokens (rows first_row, ...) into the table, and the pinned rows first if they are not."""
+            rows = np.arange(first_row, first_row + len(new))
+            if device.unfilled:
+                rows = np.concatenate([np.arange(len(device.unfilled)), rows])
+                new, device.unfilled = device.unfilled + new, []
+            device.table = self._fill(device.table, rows, new)
+
         for kind, item in stream:
+            if device.unfilled and kind in ("block", "permute", "grow"):  # a stream with no new token
+                fill(0, [])
             if kind == "block":
                 if drain is not None and item.active is not None:  # a stream's end: as its drain plan says
                     item = widen(item, drain[len(item.active) // self.n_devices], lanes, self.n_devices)
@@ -533,8 +547,7 @@ class Embedder:
             elif kind == "slots":
                 plan.add(item)
             elif kind == "insert":
-                first_row, new = item
-                device.table = self._fill(device.table, first_row, new)
+                fill(*item)
             elif kind == "permute":
                 if not self.stand_in_device:
                     device.table = self._permute(device.table, jax.device_put(item, everywhere))
@@ -757,10 +770,11 @@ class _Stream:
 
 
 class _DeviceTable:
-    """The current token table array of a stream (each update donates the previous one)."""
+    """The current token table array of a stream (each update donates the previous one), and the pinned tokens
+    (rows 0, 1, ...) whose vectors it does not hold yet."""
 
-    def __init__(self, table: jax.Array):
-        self.table = table
+    def __init__(self, table: jax.Array, unfilled: list[str]):
+        self.table, self.unfilled = table, list(unfilled)
 
 
 class _Stopped(Exception):
