@@ -76,7 +76,8 @@ class EmbeddingWriter:
         self._offsets = array.array("q", [0])  # packed: token offset of each sentence, then the total
         self._dataset = self._buffer = None  # packed: made at the first sentence, whose shape gives (layers, dim)
         self._filled = self._written = 0  # packed: rows in the buffer, rows in the file
-        self._type = h5py.h5t.py_create(self.dtype)  # allennlp: the HDF5 type and the dataspace of each shape, made once
+        # allennlp: the HDF5 type, and the dataspace of each shape, made once
+        self._type = h5py.h5t.py_create(self.dtype)
         self._spaces: dict[tuple[int, ...], h5py.h5s.SpaceID] = {}
 
     def write(self, arrays: Sequence[np.ndarray]) -> None:
