@@ -23,6 +23,7 @@ How a stream of sentences is embedded (packed lanes, as continuous batching in L
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import os
 import queue
@@ -560,8 +561,15 @@ class Embedder:
             elif kind == "lanes":
                 lanes, rows = item, item * self.block_steps  # tokens per gather: what a block takes in
                 if not self.stand_in_device:
-                    state = jax.device_put(initial_state(self.options, item, self.dtype), by_lane)
-                    ring = jnp.zeros((item, plan.steps, *lead, width), dtype, device=by_lane)  # made on the device
+                    ring_shape = (item, plan.steps, *lead, width)
+                    if self.platform == "cpu":  # zeros copied in the background: jnp.zeros compiled (or loaded) a
+                        # program for each shape on this thread first (~190 ms of the CLI's start for both)
+                        shapes = jax.eval_shape(functools.partial(initial_state, self.options, item, self.dtype))
+                        state, ring = jax.device_put((jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes),
+                                                      np.zeros(ring_shape, dtype)), by_lane)
+                    else:  # made on the device: no copy of a ring of gigabytes over the bus
+                        state = jax.device_put(initial_state(self.options, item, self.dtype), by_lane)
+                        ring = jnp.zeros(ring_shape, dtype, device=by_lane)
             elif kind == "end":
                 while gather(float("inf")):
                     pass
