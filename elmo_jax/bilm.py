@@ -222,8 +222,8 @@ def sentence_start_state(params: dict, options: BiLMOptions, bos: jax.Array, eos
 
     Args:
       params: as for ``bilstm``; bos, eos: (projection_dim,) the boundary tokens' vectors; rows: the batch it is
-        computed in (as wide as the blocks that use it, so the matmuls are the blocks'); layout: ``bilstm``'s
-        fuse_inputs, feature_major, split_directions.
+        computed in (``embed.START_ROWS``: a width whose matmuls give each row what a block's give); layout:
+        ``bilstm``'s fuse_inputs, feature_major, split_directions.
     Returns:
       per layer {"reset_h": (2, projection_dim), "reset_c": (2, dim)}, [forward, backward] (lstm.RESET_KEYS).
     """

@@ -561,15 +561,13 @@ class Embedder:
             elif kind == "lanes":
                 lanes, rows = item, item * self.block_steps  # tokens per gather: what a block takes in
                 if not self.stand_in_device:
+                    # numpy zeros copied in the background: jnp.zeros compiled (or loaded) a program for each shape
+                    # on this thread first (~190 ms of the CLI's start on a CPU for the state and the ring)
+                    shapes = jax.eval_shape(functools.partial(initial_state, self.options, item, self.dtype))
+                    state = jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), by_lane)
                     ring_shape = (item, plan.steps, *lead, width)
-                    if self.platform == "cpu":  # zeros copied in the background: jnp.zeros compiled (or loaded) a
-                        # program for each shape on this thread first (~190 ms of the CLI's start for both)
-                        shapes = jax.eval_shape(functools.partial(initial_state, self.options, item, self.dtype))
-                        state, ring = jax.device_put((jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes),
-                                                      np.zeros(ring_shape, dtype)), by_lane)
-                    else:  # made on the device: no copy of a ring of gigabytes over the bus
-                        state = jax.device_put(initial_state(self.options, item, self.dtype), by_lane)
-                        ring = jnp.zeros(ring_shape, dtype, device=by_lane)
+                    ring = (jax.device_put(np.zeros(ring_shape, dtype), by_lane) if self.platform == "cpu"
+                            else jnp.zeros(ring_shape, dtype, device=by_lane))  # no gigabytes over an accelerator's bus
             elif kind == "end":
                 while gather(float("inf")):
                     pass

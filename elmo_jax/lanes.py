@@ -220,8 +220,7 @@ def slot_rows(token_rows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, 
     # token j of a sentence of n tokens: forward at its slot's step j, backward at step n - 1 - j
     lengths = np.asarray(lengths, np.int64)
     ends = np.repeat(np.cumsum(lengths), lengths)  # each token's slot end
-    backward = token_rows[ends - 1 - within(lengths)] if len(token_rows) else token_rows.copy()
-    return token_rows.copy(), backward
+    return token_rows, token_rows[ends - 1 - within(lengths)]
 
 
 class Timeline:

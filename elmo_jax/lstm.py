@@ -108,12 +108,11 @@ def lstm_step(params: dict, state: LSTMState, inputs: tuple, *, cell_clip, proj_
     x, mask, *reset = inputs
     feature_major = "kernel_t" in params
     per_row = (lambda a: a[..., None, :]) if feature_major else (lambda a: a[..., None])  # (..., batch) broadcast
+    per_feature = (lambda a: a[..., :, None]) if feature_major else (lambda a: a[..., None, :])  # (..., features)
     if reset:
         keep_state = per_row(jnp.logical_not(reset[0]))
-        # the state a reset sets: (..., features) broadcast over the rows, (..., 1, features) or (..., features, 1)
-        start = [0 if k not in params else params[k][..., :, None] if feature_major else params[k][..., None, :]
-                 for k in RESET_KEYS]
-        state = LSTMState(h=jnp.where(keep_state, state.h, start[0]), c=jnp.where(keep_state, state.c, start[1]))
+        start_h, start_c = (per_feature(params[k]) if k in params else 0 for k in RESET_KEYS)  # what a reset sets
+        state = LSTMState(h=jnp.where(keep_state, state.h, start_h), c=jnp.where(keep_state, state.c, start_c))
     if feature_major:
         gates = params["kernel_t"] @ jnp.concatenate([x, state.h], axis=-2) + params["bias"][..., :, None]
     elif "kernel" in params:
