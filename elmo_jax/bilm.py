@@ -172,7 +172,8 @@ def initial_state(options: BiLMOptions, batch: int, dtype=jnp.float32) -> BiLMSt
 
 def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, state: BiLMState | None = None,
            backward_x: jax.Array | None = None, reset: jax.Array | None = None, fuse_inputs: bool = False,
-           feature_major: bool = False, split_directions: bool = False):
+           feature_major: bool = False, split_directions: bool = False, input_gate_tables: tuple | None = None,
+           rows: tuple | None = None):
     """The stacked bidirectional LSTM.
 
     Args:
@@ -187,6 +188,10 @@ def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, st
         steps (a new sentence starts there in a packed lane).
       fuse_inputs, feature_major, split_directions: see lstm.bidirectional_layer (the same numbers, faster for
         inference on a CPU).
+      input_gate_tables, rows: None, or the first layer's input gates of every token, (forward, backward) each
+        (tokens, 4 * dim) (lstm.token_input_gates), and the tokens' indices (forward, backward) each (batch, time)
+        int32, the backward reversed as ``backward_x``: the first layer looks its input gates up
+        (lstm.bidirectional_layer) instead of multiplying ``x``.
     Returns:
       per-layer outputs, a list of n_layers arrays (batch, time, 2 * projection_dim) [forward, backward],
       zeros at padding; and the final BiLMState.
@@ -198,11 +203,13 @@ def bilstm(params: dict, options: BiLMOptions, x: jax.Array, mask: jax.Array, st
     inputs = (x, x if backward_x is None else backward_x)
     outputs, new_state = [], {"forward": [], "backward": []}
     for layer in range(lstm.n_layers):
+        looked_up = layer == 0 and input_gate_tables is not None
         ys, (fw_state, bw_state) = bidirectional_layer(
-            layers[layer], inputs, mask,
+            layers[layer], rows if looked_up else inputs, mask,
             (state["forward"][layer], state["backward"][layer]),
             cell_clip=lstm.cell_clip, proj_clip=lstm.proj_clip, backward_aligned=backward_x is not None,
             reset=reset, fuse_inputs=fuse_inputs, feature_major=feature_major, split_directions=split_directions,
+            input_gate_tables=input_gate_tables if looked_up else None,
         )
         if layer > 0 and lstm.use_skip_connections:
             # Residual on the layer's output only; the carried state is untouched.

@@ -66,6 +66,21 @@ def test_token_table_compaction_and_growth_keep_the_numbers(tiny_model, monkeypa
                                    atol=1e-5)
 
 
+def test_token_gates_on_a_cpu_keep_the_numbers(tiny_model, expected, monkeypatch):
+    """On a CPU the token table keeps the first layer's input gates of each token (the blocks look them up); without
+    them (a model whose gates outgrow GATE_TABLE_BYTES) the blocks multiply the token vectors: the same numbers."""
+    sentences, want = expected
+    with_gates = Embedder(model=tiny_model, batch_size=4, block_steps=6)
+    assert with_gates._token_gates and set(with_gates._table) == {"vectors", "forward_gates", "backward_gates"}
+    assert with_gates._capacity == embed.GATE_TABLE_ROWS
+    monkeypatch.setattr(embed, "GATE_TABLE_BYTES", 0)
+    without = Embedder(model=tiny_model, batch_size=4, block_steps=6)
+    assert not without._token_gates and set(without._table) == {"vectors"}
+    for a, b, w in zip(with_gates.embed_sentences(sentences), without.embed_sentences(sentences), want):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+        np.testing.assert_allclose(a, w, atol=1e-5)
+
+
 def test_interleaved_and_abandoned_streams(tiny_model, expected):
     sentences, want = expected
     embedder = Embedder(model=tiny_model, batch_size=4, vocab=WORDS[:5])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from elmo_jax.lstm import (LSTMState, bidirectional_layer, feature_major_kernels, lstm_layer, stack_directions,
-                           zero_state)
+                           token_input_gates, zero_state)
 from tests.reference import lstm_run
 
 BATCH, TIME, IN, DIM, PROJ = 3, 7, 5, 6, 5
@@ -108,3 +108,28 @@ def test_step_layouts_agree_through_resets(fuse_inputs, feature_major, split):
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("backward_aligned", [False, True])
+def test_looked_up_input_gates_agree(split, backward_aligned):
+    """A layer whose inputs are tokens of a table: their input gates looked up from ``token_input_gates``' tables
+    (each step multiplies only h_prev) give the numbers of the token vectors themselves, through resets too, the
+    directions batched or split."""
+    forward, backward = _params(jax.random.key(0)), _params(jax.random.key(5))
+    layer = stack_directions(forward, backward)
+    vectors = jax.random.normal(jax.random.key(2), (11, IN))  # a table of 11 tokens
+    rows = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, BATCH, TIME)), jnp.int32)
+    _, mask, _ = _inputs()
+    reset = jnp.asarray(np.arange(TIME)[None, :] % 3 == np.arange(BATCH)[:, None]) if backward_aligned else None
+    state = (LSTMState(jnp.ones((BATCH, PROJ)) * 0.2, jnp.ones((BATCH, DIM)) * -0.3), zero_state(BATCH, DIM, PROJ))
+    kwargs = dict(cell_clip=1.0, proj_clip=0.8, backward_aligned=backward_aligned, reset=reset, split_directions=split)
+    want = bidirectional_layer(layer, (vectors[rows[0]], vectors[rows[1]]), mask, state, **kwargs)
+    tables = (token_input_gates(forward, vectors), token_input_gates(backward, vectors))
+    assert tables[0].shape == (11, 4 * DIM)
+    got = bidirectional_layer(layer, (rows[0], rows[1]), mask, state, input_gate_tables=tables, **kwargs)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="batch-major"):
+        bidirectional_layer(layer, (rows[0], rows[1]), mask, state, input_gate_tables=tables, feature_major=True)
