@@ -304,7 +304,6 @@ class Embedder:
         self._block_programs: set[tuple] = set()  # (lanes, ring steps, lanes run, mode) of each block program
         self._block_compile_seconds: float | None = None  # the last block program's compilation (_run's drain)
         self._insert = jax.jit(self._traced_insert, donate_argnums=(1,))
-        self._permute = jax.jit(self._traced_permute)
         self._block = jax.jit(self._traced_block, static_argnames=("mode",), donate_argnums=(2, 3))
         self._gather = jax.jit(self._traced_gather)
         self._relayout = jax.jit(self._traced_relayout)  # a larger ring: nothing to donate into
@@ -336,10 +335,6 @@ class Embedder:
     def _traced_insert(self, params, table, rows, char_ids):
         self.compilations += 1  # runs once per compilation, not per call
         return insert_tokens(params, self.options, table, rows, char_ids)
-
-    def _traced_permute(self, table, new_to_old):
-        self.compilations += 1
-        return jax.tree.map(lambda a: jnp.take(a, new_to_old, axis=0), table)
 
     def _traced_block(self, params, table, state, ring, first_step, forward, backward, reset, mask, weights, active,
                       *, mode):
@@ -488,7 +483,7 @@ class Embedder:
                 self._table = device.table  # the last table (earlier ones were donated to the updates)
                 self._pinned_on_device = not device.unfilled
                 if not completed:  # the host map may name rows the device never received: keep the pinned rows
-                    tokens.compact(np.zeros(0, np.int32))
+                    tokens.clear()
                 self._table_lock.release()
 
     def _drain_plan(self, counts: list[int], lanes: int, table, ring, mode: str, full: list) -> dict | None:
@@ -540,17 +535,16 @@ class Embedder:
             out = np.asarray(parts[0]) if len(parts) == 1 else np.concatenate([np.asarray(p) for p in parts])
             return out[:n] if parts else np.zeros((0, *lead, width), dtype), taken.length
 
-        def fill(first_row: int, new: list[str]) -> None:
-            """Write new tokens (rows first_row, ...) into the table, and the pinned rows first if they are not."""
-            rows = np.arange(first_row, first_row + len(new))
+        def fill(rows: np.ndarray, new: list[str]) -> None:
+            """Write new tokens into the table at ``rows``, and the pinned rows first if they are not."""
             if device.unfilled:
                 rows = np.concatenate([np.arange(len(device.unfilled)), rows])
                 new, device.unfilled = device.unfilled + new, []
             device.table = self._fill(device.table, rows, new)
 
         for kind, item in stream:
-            if device.unfilled and kind in ("block", "permute", "grow"):  # a stream with no new token
-                fill(0, [])
+            if device.unfilled and kind in ("block", "grow"):  # a stream with no new token
+                fill(np.zeros(0, np.int32), [])
             if kind == "block":
                 if drain is not None and item.active is not None:  # a stream's end: as its drain plan says
                     item = widen(item, drain[len(item.active) // self.n_devices], lanes, self.n_devices)
@@ -579,9 +573,6 @@ class Embedder:
                 plan.add(item)
             elif kind == "insert":
                 fill(*item)
-            elif kind == "permute":
-                if not self.stand_in_device:
-                    device.table = self._permute(device.table, jax.device_put(item, everywhere))
             elif kind == "grow":
                 if not self.stand_in_device:
                     grown = jax.tree.map(lambda a: jnp.pad(a, ((0, item - len(a)), (0, 0))), device.table)
@@ -680,11 +671,10 @@ class Embedder:
 class _Stream:
     """The host side in a background thread: windows of sentences -> token table updates, lane slots, blocks.
 
-    Iterating gives (kind, item) in order: ("lanes", n) first, then "insert" (first row, new tokens), "permute"
-    (new_to_old rows), "grow" (capacity), "slots" (Slots of a window, in input order, empty sentences with length
-    0), "block" (Block), "drain" (a stream's end: the lanes per device of each block still to come, before them)
-    and "end". An error in the thread (bad input, an interrupted read) is raised in the
-    iterating thread.
+    Iterating gives (kind, item) in order: ("lanes", n) first, then "insert" (rows, new tokens), "grow"
+    (capacity), "slots" (Slots of a window, in input order, empty sentences with length 0), "block" (Block), "drain"
+    (a stream's end: the lanes per device of each block still to come, before them) and "end". An error in the
+    thread (bad input, an interrupted read) is raised in the iterating thread.
     """
 
     def __init__(self, embedder: Embedder, sentences: Iterable[Sequence[str]], lanes: int, tokens: TokenTable,
@@ -790,16 +780,13 @@ class _Stream:
             window = [s for s, keep in zip(window, real.tolist()) if keep] if not real.all() else window
             distinct, ids = flat_token_ids(window)
             tokens = self.tokens
-            if tokens.free() < len(distinct):
-                old_to_new, new_to_old = tokens.compact(timeline.live_rows())
-                timeline.remap(old_to_new)
-                self._put("permute", new_to_old)
-                if tokens.free() < len(distinct):  # rare: a huge window; a larger table (one more compilation)
-                    tokens.capacity = round_up(len(tokens.tokens) + len(distinct), tokens.capacity)
-                    self._put("grow", tokens.capacity)
-            rows, new, first_row = tokens.lookup(distinct)
+            lacking = tokens.make_room(distinct, timeline.live_rows())
+            if lacking:  # rare: a huge window; a larger table (one more compilation)
+                tokens.grow(round_up(tokens.capacity + lacking, tokens.capacity))
+                self._put("grow", tokens.capacity)
+            rows, new, new_rows = tokens.lookup(distinct)
             if new:
-                self._put("insert", (first_row, new))
+                self._put("insert", (new_rows, new))
             placed = timeline.place(slots.index[real], lengths[real], rows[ids])
             slots.lane[real], slots.start[real] = placed.lane, placed.start
         self._put("slots", slots)

@@ -294,17 +294,16 @@ class Timeline:
         """Table rows that placed but unemitted steps still read."""
         return np.unique(np.concatenate([self.forward[self.mask], self.backward[self.mask]]))
 
-    def remap(self, old_to_new: np.ndarray) -> None:
-        """Rename table rows after ``TokenTable.compact``."""
-        self.forward = np.where(self.mask, old_to_new[self.forward], 0).astype(np.int32)
-        self.backward = np.where(self.mask, old_to_new[self.backward], 0).astype(np.int32)
-
 
 class TokenTable:
     """Host map of the device's token table: token -> row, for ``capacity`` rows.
 
-    Rows 0 and 1 are <S> and </S>, then an optional pinned vocabulary (AllenNLP's vocab_to_cache), then
-    tokens as they come. When the table is full, ``compact`` keeps the pinned rows and the rows still in use.
+    Rows 0 and 1 are <S> and </S>, then an optional pinned vocabulary (AllenNLP's vocab_to_cache), then tokens as
+    they come. When a window's new tokens do not fit, ``make_room`` frees the rows of the tokens read in the fewest
+    windows (counts halved at each eviction, so a token that stops coming goes in time), never a pinned row, a row
+    that placed steps still read or a token of that window; new tokens then take free rows. No row ever moves on the
+    device: a table that renumbered its rows held two copies of itself there while it did (+544 MB with the built-in
+    model's first-layer gates) and dropped every row but the live ones, common words included.
     """
 
     def __init__(self, capacity: int, pinned: Sequence[str] = (), boundaries: tuple[str, str] = (BOS_TOKEN, EOS_TOKEN)):
@@ -313,44 +312,73 @@ class TokenTable:
         if capacity < len(words):
             raise ValueError(f"token table capacity {capacity} is smaller than the pinned vocabulary ({len(words)})")
         self.capacity, self.n_pinned = capacity, len(words)
-        self.tokens: list[str] = words
+        self.tokens: list[str | None] = words  # row -> token (None: a freed row), as far as rows have been used
         self.rows: dict[str, int] = {w: i for i, w in enumerate(words)}
+        self.uses = np.zeros(capacity, np.int64)  # windows that read each row since it was filled (halved as they go)
+        self._free: list[int] = []  # freed rows, below len(self.tokens)
 
-    def lookup(self, tokens: list[str]) -> tuple[np.ndarray, list[str], int]:
-        """Rows of distinct ``tokens``; new ones are added.
+    def lookup(self, tokens: list[str]) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """Rows of a window's distinct ``tokens``; new ones are added.
 
-        Returns (rows (len(tokens),) int32, new tokens, first new row). The caller makes room first
-        (``compact``): ``free() >= len(tokens)``."""
+        Returns (rows (len(tokens),) int32, new tokens, their rows (new,) int32). The caller makes room first
+        (``make_room``)."""
         get = self.rows.get
         rows = np.fromiter((get(t, -1) for t in tokens), np.int32, len(tokens))
         missing = np.flatnonzero(rows < 0)
-        first = len(self.tokens)
-        if len(missing):
-            new = [tokens[i] for i in missing.tolist()]
-            if first + len(new) > self.capacity:
-                raise ValueError(f"token table overflow: {first} + {len(new)} rows > capacity {self.capacity}")
-            rows[missing] = np.arange(first, first + len(new), dtype=np.int32)
-            self.rows.update(zip(new, range(first, first + len(new))))
-            self.tokens.extend(new)
-            return rows, new, first
-        return rows, [], first
+        new = [tokens[i] for i in missing.tolist()]
+        if len(new) > self.free():
+            raise ValueError(f"token table overflow: {len(new)} new tokens, {self.free()} free rows of {self.capacity}")
+        reused = min(len(new), len(self._free))
+        fresh = np.arange(len(self.tokens), len(self.tokens) + len(new) - reused)
+        new_rows = np.concatenate([np.asarray(self._free[len(self._free) - reused:], np.int64), fresh]).astype(np.int32)
+        del self._free[len(self._free) - reused:]
+        self.tokens.extend([None] * len(fresh))
+        for token, row in zip(new, new_rows.tolist()):
+            self.tokens[row] = token
+            self.rows[token] = row
+        rows[missing] = new_rows
+        self.uses[rows] += 1
+        return rows, new, new_rows
 
     def free(self) -> int:
-        return self.capacity - len(self.tokens)
+        return self.capacity - len(self.tokens) + len(self._free)
 
-    def compact(self, live_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Keep the pinned rows and ``live_rows`` only, renumbered in order.
+    def make_room(self, tokens: list[str], live_rows: np.ndarray) -> int:
+        """Free rows for a window's distinct ``tokens`` where they do not fit; ``live_rows``: rows that placed steps
+        still read. Frees at least what the window lacks and at least an eighth of the table at once (a window's
+        tokens are then looked at once per eighth, not once per window). Returns the rows still lacking (0, or what
+        a larger table must add)."""
+        present = [row for row in map(self.rows.get, tokens) if row is not None]
+        lacking = len(tokens) - len(present) - self.free()
+        if lacking <= 0:
+            return 0
+        kept = np.zeros(self.capacity, bool)
+        kept[: self.n_pinned] = True
+        kept[np.asarray(live_rows, np.int64)] = True
+        kept[np.asarray(present, np.int64)] = True
+        kept[len(self.tokens):] = True
+        kept[self._free] = True
+        candidates = np.flatnonzero(~kept)
+        evicted = candidates[np.argsort(self.uses[candidates], kind="stable")[: max(lacking, self.capacity // 8)]]
+        for row in evicted.tolist():
+            del self.rows[self.tokens[row]]
+            self.tokens[row] = None
+        self._free.extend(evicted.tolist())
+        self.uses[evicted] = 0
+        self.uses //= 2
+        return max(lacking - len(evicted), 0)
 
-        Returns old_to_new (capacity,) int32 (0 for dropped rows) and new_to_old (capacity,) int32: the gather
-        that moves the device table's rows (rows past the kept ones read row 0)."""
-        keep = np.union1d(np.arange(self.n_pinned), live_rows).astype(np.int32)
-        old_to_new = np.zeros(self.capacity, np.int32)
-        old_to_new[keep] = np.arange(len(keep), dtype=np.int32)
-        new_to_old = np.zeros(self.capacity, np.int32)
-        new_to_old[: len(keep)] = keep
-        self.tokens = [self.tokens[r] for r in keep.tolist()]
+    def grow(self, capacity: int) -> None:
+        """A larger table (rows past the old capacity are free)."""
+        self.uses = np.concatenate([self.uses, np.zeros(capacity - self.capacity, np.int64)])
+        self.capacity = capacity
+
+    def clear(self) -> None:
+        """Keep the pinned rows only (an abandoned stream: the device may lack rows that the map names)."""
+        self.tokens = self.tokens[: self.n_pinned]
         self.rows = {t: i for i, t in enumerate(self.tokens)}
-        return old_to_new, new_to_old
+        self.uses[:] = 0
+        self._free = []
 
 
 def flat_token_ids(sentences: Sequence[Sequence[str]]) -> tuple[list[str], np.ndarray]:

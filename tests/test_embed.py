@@ -5,12 +5,12 @@ import jax
 import numpy as np
 import pytest
 
-from elmo_jax.characters import TokenError
+from elmo_jax.characters import BOS_TOKEN, EOS_TOKEN, TokenError
 from elmo_jax.cli import main
 from elmo_jax import embed
 from elmo_jax.embed import Embedder
-from elmo_jax.lanes import (GatherPlan, Slots, Timeline, assign_lanes, choose_lanes, drain_lanes, lane_subsets,
-                            slot_rows, slot_steps, widen)
+from elmo_jax.lanes import (GatherPlan, Slots, Timeline, TokenTable, assign_lanes, choose_lanes, drain_lanes,
+                            lane_subsets, slot_rows, slot_steps, widen)
 from tests import reference
 
 WORDS = "the bank raised its interest rates . I went to river and deposited money in a very long sentence".split()
@@ -50,6 +50,27 @@ def test_compilations_do_not_grow_with_the_corpus(tiny_model):
     assert large.compilations == before
 
 
+def test_token_table_frees_the_least_used_rows_in_place():
+    """A full table frees the rows of the tokens read in the fewest windows, never a pinned row, a live row or a
+    token of the window, and new tokens take the freed rows: no row of a kept token moves."""
+    table = TokenTable(16, pinned=["the"])  # rows 0, 1: <S>, </S>; 2: the
+    rows, new, new_rows = table.lookup(["a", "b", "c", "d"])
+    assert new == ["a", "b", "c", "d"] and new_rows.tolist() == rows.tolist() == [3, 4, 5, 6]
+    for _ in range(3):
+        table.lookup(["a", "b"])  # a and b now read in 4 windows, c and d in 1
+    table.lookup([f"x{k}" for k in range(9)])  # rows 7..15: full
+    assert table.free() == 0 and table.make_room(["a", "y"], live_rows=np.array([5])) == 0  # c (row 5) is live
+    assert table.free() >= 1 and "d" not in table.rows and {"a", "b", "c", "the"} <= set(table.rows)
+    rows, new, new_rows = table.lookup(["a", "y"])
+    assert new == ["y"] and rows[0] == 3 and new_rows[0] in range(6, 16)  # a kept its row; y took a freed one
+    assert table.tokens[new_rows[0]] == "y" and table.rows["c"] == 5
+    assert table.make_room([f"z{k}" for k in range(40)], live_rows=np.arange(16)) == 40 - table.free()
+    table.grow(64)
+    assert table.free() >= 40
+    table.clear()
+    assert table.tokens == [BOS_TOKEN, EOS_TOKEN, "the"] and table.free() == 61
+
+
 def test_token_table_compaction_and_growth_keep_the_numbers(tiny_model, monkeypatch):
     monkeypatch.setattr(embed, "TABLE_BYTES", 0)
     monkeypatch.setattr(embed, "TABLE_MIN_ROWS", 40)
@@ -60,7 +81,7 @@ def test_token_table_compaction_and_growth_keep_the_numbers(tiny_model, monkeypa
     assert embedder._tokens.capacity == 40
     got = list(embedder.embed_sentences(sentences))  # windows of 16 sentences: ~100 distinct tokens each
     assert embedder._tokens.capacity > 40  # grew once a window's tokens did not fit
-    got += list(embedder.embed_sentences(sentences[:5]))  # compacted between windows, cache reused across calls
+    got += list(embedder.embed_sentences(sentences[:5]))  # rows freed between windows, cache reused across calls
     for a, s in zip(got, sentences + sentences[:5]):
         np.testing.assert_allclose(a, reference.bilm_sentence(tiny_model.params, tiny_model.options, s)[:, 1:-1],
                                    atol=1e-5)
