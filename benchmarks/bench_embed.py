@@ -18,8 +18,10 @@ Random weights at the published sizes come from ../shared/bench/make_weights.py 
 ``--size builtin`` is the model shipped in the package. "Peak" is a 2048 x 2048 float32 matmul measured in
 this process. FLOPs count the biLSTM steps a sentence needs: one a token and direction, the packed slots' ``n``
 steps (the state after <S> / </S> is the same for every sentence and computed once a block; before 2026-12-04's
-sentence start state, ``n + 1``; padding not counted), and, where
-reported, the char CNN + highway once per distinct token. On a GPU, ``--dtype both`` measures float32 and
+sentence start state, ``n + 1``; padding not counted), each step's FLOPs the model's (on a CPU the Embedder computes
+the first layer's input half once per distinct token, not once per step, since 2026-12-04's token gates; the count
+stays the model's, as a model-FLOPs utilization does), and, where reported, the char CNN + highway once per
+distinct token. On a GPU, ``--dtype both`` measures float32 and
 bfloat16 in one command, each against the matmul peak measured in its own dtype:
 
     python benchmarks/bench_embed.py --size 2x4096_512_2048cnn_2xhighway --max-sentences 20000 --dtype both
