@@ -14,7 +14,9 @@ does only the recurrent half; or, ``fuse_inputs``, each step does ``[x, h_prev] 
 TF's LSTMCell does (faster for inference on a CPU with many rows); or, ``feature_major``, the same one matmul
 with states and gates laid out (features, batch): ``kernel^T @ [x; h_prev]``, the weight the left operand, which
 a CPU's GEMM runs up to ~1.8x faster for a large kernel and few rows. ``split_directions`` runs the two
-directions of ``bidirectional_layer`` as separate ops in each step, which a CPU runs on two threads at once.
+directions of ``bidirectional_layer`` as separate ops in each step, which a CPU runs on two threads at once. A layer
+whose inputs are tokens of a table may look each token's input half up (``token_input_gates``, computed once per
+token; ``bidirectional_layer``'s ``input_gate_tables``): each step then multiplies only ``h_prev``.
 """
 
 from __future__ import annotations
