@@ -332,10 +332,10 @@ class TokenTable:
         fresh = np.arange(len(self.tokens), len(self.tokens) + len(new) - reused)
         new_rows = np.concatenate([np.asarray(self._free[len(self._free) - reused:], np.int64), fresh]).astype(np.int32)
         del self._free[len(self._free) - reused:]
-        self.tokens.extend([None] * len(fresh))
-        for token, row in zip(new, new_rows.tolist()):
+        for token, row in zip(new[:reused], new_rows[:reused].tolist()):  # freed rows first
             self.tokens[row] = token
-            self.rows[token] = row
+        self.tokens.extend(new[reused:])
+        self.rows.update(zip(new, new_rows.tolist()))
         rows[missing] = new_rows
         self.uses[rows] += 1
         return rows, new, new_rows
