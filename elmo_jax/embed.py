@@ -62,10 +62,10 @@ BLOCK_STEPS = {"cpu": 32}  # elsewhere 64
 TABLE_BYTES = 64 << 20  # token table on the device (rows of projection_dim), at least TABLE_MIN_ROWS rows
 TABLE_MIN_ROWS = 8192
 # On a CPU the token table also holds each token's input half of the first LSTM layer's gates, both directions
-# (lstm.token_input_gates): a block step then multiplies only h_prev there, the built-in model's first layer ~30%
-# faster (a block ~12%). The table then has GATE_TABLE_ROWS rows (10,000 held-out lines: 21,625 distinct tokens),
-# where their gates fit GATE_TABLE_BYTES in all on the host (the built-in model: 16 KB a row, 512 MB), else it holds
-# no gates (e.g. 2x4096: 128 KB a row; its blocks run feature-major).
+# (lstm.token_input_gates): a block step then multiplies only h_prev there, the built-in model's first layer ~33%
+# faster (a block ~14%, measured in one process). The table then has GATE_TABLE_ROWS rows (10,000 held-out lines:
+# 21,625 distinct tokens), where their gates fit GATE_TABLE_BYTES in all on the host (the built-in model: 16 KB a
+# row, 512 MB), else it holds no gates (e.g. 2x4096: 128 KB a row; its blocks run feature-major).
 GATE_TABLE_ROWS = 32768
 GATE_TABLE_BYTES = 512 << 20
 INSERT_SIZES = {"short": (64, 256, 1024), "long": (16, 128)}  # new tokens per char-CNN call
