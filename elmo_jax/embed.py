@@ -309,11 +309,12 @@ class Embedder:
         self._relayout = jax.jit(self._traced_relayout)  # a larger ring: nothing to donate into
         pinned = [] if vocab is None else list(vocab)
         itemsize = np.dtype(self.dtype).itemsize
-        capacity = max(TABLE_BYTES // (lstm.projection_dim * itemsize), TABLE_MIN_ROWS, 4 * len(pinned) + 4)
+        min_rows = max(TABLE_MIN_ROWS, 4 * len(pinned) + 4)
+        capacity = max(TABLE_BYTES // (lstm.projection_dim * itemsize), min_rows)
         # each device of a CPU mesh keeps its copy in the same host memory
         gate_rows = GATE_TABLE_BYTES // (self.n_devices * 2 * 4 * lstm.dim * itemsize)
         self._token_gates = (self.platform == "cpu" and not self._feature_major
-                             and min(gate_rows, GATE_TABLE_ROWS) >= max(TABLE_MIN_ROWS, 4 * len(pinned) + 4))
+                             and min(gate_rows, GATE_TABLE_ROWS) >= min_rows)
         if self._token_gates:
             capacity = min(capacity, GATE_TABLE_ROWS)
         self._tokens = TokenTable(capacity, pinned, model.characters.boundary_tokens)  # the device table's map
@@ -780,10 +781,11 @@ class _Stream:
             window = [s for s, keep in zip(window, real.tolist()) if keep] if not real.all() else window
             distinct, ids = flat_token_ids(window)
             tokens = self.tokens
-            lacking = tokens.make_room(distinct, timeline.live_rows())
-            if lacking:  # rare: a huge window; a larger table (one more compilation)
-                tokens.grow(round_up(tokens.capacity + lacking, tokens.capacity))
-                self._put("grow", tokens.capacity)
+            if tokens.free() < len(distinct):  # perhaps full: the live rows are worth finding
+                lacking = tokens.make_room(distinct, timeline.live_rows())
+                if lacking:  # rare: a huge window; a larger table (one more compilation)
+                    tokens.grow(round_up(tokens.capacity + lacking, tokens.capacity))
+                    self._put("grow", tokens.capacity)
             rows, new, new_rows = tokens.lookup(distinct)
             if new:
                 self._put("insert", (new_rows, new))
@@ -796,7 +798,7 @@ class _DeviceTable:
     """The current token table of a stream (each update donates the previous one), and the pinned tokens
     (rows 0, 1, ...) whose vectors it does not hold yet."""
 
-    def __init__(self, table: jax.Array, unfilled: list[str]):
+    def __init__(self, table: dict, unfilled: list[str]):
         self.table, self.unfilled = table, list(unfilled)
 
 
