@@ -27,7 +27,8 @@ REUSE_PROBE = """
 import ctypes, resource, sys, time
 from elmo_jax.embed_cli import reuse_freed_memory
 if sys.argv[1] != "off":
-    assert reuse_freed_memory(trim_every=None if sys.argv[1] == "on" else 0.05)
+    assert reuse_freed_memory(trim_every=None if sys.argv[1] == "on" else 0.05,
+                              trim_growth=(32 if sys.argv[1] == "trimmed" else 128) << 20)
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 def touch():
@@ -35,7 +36,7 @@ def touch():
     ctypes.memset(block, 1, 64 << 20)
     return block
 libc.free(touch())
-time.sleep(0.5 if sys.argv[1] == "trimmed" else 0)
+time.sleep(0 if sys.argv[1] in ("off", "on") else 0.5)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 touch()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -45,15 +46,16 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="a glibc allocator policy")
 def test_the_embed_commands_allocator_policy_reuses_freed_memory():
     """With ``reuse_freed_memory`` a freed 64 MB block is taken again without faulting its pages in anew (glibc's
-    default mmaps it afresh: 16,384 page faults), but after a trim (its thread, here every 0.05 s) it is handed
-    back; each in a process of its own (the policy is process-wide)."""
+    default mmaps it afresh: 16,384 page faults), but after a trim (its thread, here every 0.05 s once 32 MB more lie
+    free) it is handed back, and not while less than that has grown free (128 MB here); each in a process of its own
+    (the policy is process-wide)."""
     import subprocess
     import sys
 
     faults = {policy: int(subprocess.run([sys.executable, "-c", REUSE_PROBE, policy], capture_output=True, text=True,
                                          check=True).stdout)
-              for policy in ("off", "on", "trimmed")}
-    assert faults["off"] > 8000 and faults["on"] < 1000 and faults["trimmed"] > 8000, faults
+              for policy in ("off", "on", "trimmed", "kept")}
+    assert faults["off"] > 8000 and faults["on"] < 1000 and faults["trimmed"] > 8000 and faults["kept"] < 1000, faults
 
 
 def test_the_embed_command_sets_its_allocator_policy_first(monkeypatch):
