@@ -318,8 +318,8 @@ class Embedder:
         if self._token_gates:
             capacity = min(capacity, GATE_TABLE_ROWS)
         self._tokens = TokenTable(capacity, pinned, model.characters.boundary_tokens)  # the device table's map
-        self._capacity = capacity
-        self._table = self._new_table(capacity)
+        self._capacity, self._min_rows = capacity, min_rows  # the table's largest and smallest sizes
+        self._table = None  # made by the first stream, sized to its input where that is known (_Stream._pack)
         self._table_lock = threading.Lock()  # one stream at a time uses (and extends) the shared table
         # the pinned rows (<S>, </S>, the vocabulary) reach the device with a stream's first new tokens, in the char CNN
         # calls of their sizes: filled apart, they took a program of their own (130 ms of the CLI's start)
@@ -331,6 +331,17 @@ class Embedder:
         if self.platform not in STEP_OVERHEAD_LANES:
             return lanes
         return FEATURE_MAJOR_STEP_OVERHEAD_LANES if self._feature_major else STEP_OVERHEAD_LANES[self.platform]
+
+    def table_rows(self, tokens: TokenTable, sentences: Sequence[Sequence[str]] | None) -> int:
+        """Rows of a new device table: the largest (``TABLE_BYTES``, or ``GATE_TABLE_ROWS`` with the first layer's
+        gates), or for a known input ``sentences`` the fewest power-of-two rows, at least ``TABLE_MIN_ROWS``, that
+        hold its tokens beside those of ``tokens``. A short input then takes 8,192 rows, 128 MB with the built-in
+        model's gates, not 528 MB; a later, longer input grows the table to the largest at once (one size more to
+        compile for)."""
+        if sentences is None:
+            return self._capacity
+        needed = len(tokens.rows.keys() | set(itertools.chain.from_iterable(sentences)))
+        return min(self._capacity, max(self._min_rows, 1 << max(needed - 1, 0).bit_length()))
 
     # ----- jitted pieces (each traced once per shape) -----
     def _traced_insert(self, params, table, rows, char_ids):
@@ -472,8 +483,8 @@ class Embedder:
         else:  # another stream is running on this Embedder: a private table
             tokens = TokenTable(self._capacity, self._tokens.tokens[2 : self._tokens.n_pinned],
                                 self.model.characters.boundary_tokens)
-            device = _DeviceTable(self._new_table(self._capacity), tokens.tokens[: tokens.n_pinned])
-        stream = _Stream(self, sentences, lanes, tokens, allow_empty, validate)
+            device = _DeviceTable(None, tokens.tokens[: tokens.n_pinned])
+        stream = _Stream(self, sentences, lanes, tokens, allow_empty, validate, make_table=device.table is None)
         completed = False
         try:
             yield from self._run(stream, device, mode, weights, np.dtype(output_dtype))
@@ -574,6 +585,8 @@ class Embedder:
                 plan.add(item)
             elif kind == "insert":
                 fill(*item)
+            elif kind == "table":  # the stream's first item where the table is not made yet
+                device.table = None if self.stand_in_device else self._new_table(item)
             elif kind == "grow":
                 if not self.stand_in_device:
                     grown = jax.tree.map(lambda a: jnp.pad(a, ((0, item - len(a)), (0, 0))), device.table)
@@ -672,15 +685,17 @@ class Embedder:
 class _Stream:
     """The host side in a background thread: windows of sentences -> token table updates, lane slots, blocks.
 
-    Iterating gives (kind, item) in order: ("lanes", n) first, then "insert" (rows, new tokens), "grow"
+    Iterating gives (kind, item) in order: ("table", capacity) where the device table is not made yet, ("lanes", n),
+    then "insert" (rows, new tokens), "grow"
     (capacity), "slots" (Slots of a window, in input order, empty sentences with length 0), "block" (Block), "drain"
     (a stream's end: the lanes per device of each block still to come, before them) and "end". An error in the
     thread (bad input, an interrupted read) is raised in the iterating thread.
     """
 
     def __init__(self, embedder: Embedder, sentences: Iterable[Sequence[str]], lanes: int, tokens: TokenTable,
-                 allow_empty: bool, validate: bool = True):
+                 allow_empty: bool, validate: bool = True, make_table: bool = False):
         self.embedder, self.tokens, self.allow_empty, self.validate = embedder, tokens, allow_empty, validate
+        self.make_table = make_table
         self.lanes = round_up(lanes, embedder.n_devices)
         self.queue: queue.Queue = queue.Queue(maxsize=64)
         self.stopped = threading.Event()
@@ -736,6 +751,9 @@ class _Stream:
             lanes = choose_lanes(steps, self.lanes, n_devices, self.embedder.block_steps,
                                  self.embedder.step_overhead_lanes(self.lanes))
             window_size = max(1, len(ahead))  # and one window, longest first over all of it: the lanes end together
+        if self.make_table:
+            self.tokens.resize(self.embedder.table_rows(self.tokens, ahead if known else None))
+            self._put("table", self.tokens.capacity)
         self._put("lanes", lanes)
         # blocks where few lanes are busy run only those (a short input, the end of any input)
         timeline = Timeline(lanes, self.embedder.block_steps, lane_subsets(lanes // n_devices), n_devices)
@@ -781,6 +799,10 @@ class _Stream:
             window = [s for s, keep in zip(window, real.tolist()) if keep] if not real.all() else window
             distinct, ids = flat_token_ids(window)
             tokens = self.tokens
+            largest = self.embedder.table_rows(tokens, None)
+            if tokens.free() < len(distinct) and tokens.capacity < largest:  # a table made for a short input
+                tokens.grow(largest)
+                self._put("grow", largest)
             if tokens.free() < len(distinct):  # perhaps full: the live rows are worth finding
                 lacking = tokens.make_room(distinct, timeline.live_rows())
                 if lacking:  # rare: a huge window; a larger table (one more compilation)

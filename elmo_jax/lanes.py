@@ -373,6 +373,13 @@ class TokenTable:
         self.uses = np.concatenate([self.uses, np.zeros(capacity - self.capacity, np.int64)])
         self.capacity = capacity
 
+    def resize(self, capacity: int) -> None:
+        """Another capacity for a table the device does not hold yet: larger, or smaller down to the rows in use."""
+        if capacity < len(self.tokens):
+            raise ValueError(f"token table capacity {capacity} is smaller than the {len(self.tokens)} rows in use")
+        self.uses = np.concatenate([self.uses[:capacity], np.zeros(max(capacity - self.capacity, 0), np.int64)])
+        self.capacity = capacity
+
     def clear(self) -> None:
         """Keep the pinned rows only (an abandoned stream: the device may lack rows that the map names)."""
         self.tokens = self.tokens[: self.n_pinned]

@@ -92,14 +92,38 @@ def test_token_gates_on_a_cpu_keep_the_numbers(tiny_model, expected, monkeypatch
     them (a model whose gates outgrow GATE_TABLE_BYTES) the blocks multiply the token vectors: the same numbers."""
     sentences, want = expected
     with_gates = Embedder(model=tiny_model, batch_size=4, block_steps=6)
-    assert with_gates._token_gates and set(with_gates._table) == {"vectors", "forward_gates", "backward_gates"}
-    assert with_gates._capacity == embed.GATE_TABLE_ROWS
+    assert with_gates._token_gates and with_gates._capacity == embed.GATE_TABLE_ROWS
     monkeypatch.setattr(embed, "GATE_TABLE_BYTES", 0)
     without = Embedder(model=tiny_model, batch_size=4, block_steps=6)
-    assert not without._token_gates and set(without._table) == {"vectors"}
+    assert not without._token_gates
     for a, b, w in zip(with_gates.embed_sentences(sentences), without.embed_sentences(sentences), want):
         np.testing.assert_allclose(a, b, atol=1e-6)
         np.testing.assert_allclose(a, w, atol=1e-5)
+    assert set(with_gates._table) == {"vectors", "forward_gates", "backward_gates"} and set(without._table) == {
+        "vectors"}
+
+
+def test_token_table_sized_to_a_known_input_grows_for_a_longer_one(tiny_model, monkeypatch):
+    """The device table is made by the first stream: for an input the host has read whole (a short one), with the
+    fewest power-of-two rows, at least TABLE_MIN_ROWS, that hold its tokens; a later input of unknown length grows it
+    to the largest at once. The numbers are the loop reference's throughout."""
+    monkeypatch.setattr(embed, "TABLE_MIN_ROWS", 16)
+    monkeypatch.setattr(embed, "LOOK_AHEAD_PER_LANE", 2)
+    rng = np.random.default_rng(5)
+    letters = np.array(list("abcdefghijkl"))
+    sentences = [["".join(rng.choice(letters, size=3)) for _ in range(rng.integers(1, 9))] for _ in range(40)]
+    embedder = Embedder(model=tiny_model, batch_size=4, block_steps=4)
+    assert embedder._table is None and embedder._capacity == embed.GATE_TABLE_ROWS
+    short = sentences[:3]  # read whole at once (fewer than LOOK_AHEAD_PER_LANE a lane)
+    got = list(embedder.embed_sentences(short))
+    needed = len({"<S>", "</S>"} | {t for s in short for t in s})
+    assert 16 <= len(embedder._table["vectors"]) == embedder._tokens.capacity == max(
+        16, 1 << (needed - 1).bit_length()) < embed.GATE_TABLE_ROWS
+    got += list(embedder.embed_sentences(iter(sentences)))  # read a window at a time: grows the table
+    assert len(embedder._table["forward_gates"]) == embedder._tokens.capacity == embed.GATE_TABLE_ROWS
+    for a, s in zip(got, short + sentences):
+        np.testing.assert_allclose(a, reference.bilm_sentence(tiny_model.params, tiny_model.options, s)[:, 1:-1],
+                                   atol=1e-5)
 
 
 def test_interleaved_and_abandoned_streams(tiny_model, expected):
