@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import time
@@ -88,21 +87,25 @@ M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 MALLOC_ARENAS = 2
 NEVER_TRIM_BYTES = 2**31 - 1  # mallopt takes an int
 TRIM_EVERY_SECONDS = 2.0
-TRIM_GROWTH_BYTES = 128 << 20  # free heap grown by this much since the last trim: hand it back
+TRIM_WARM_UP_SECONDS = 10.0  # resident memory this long into a run is its working set
+TRIM_GROWTH_BYTES = 64 << 20  # resident memory this far above the working set: hand free pages back
 
 
-class _MallInfo2(ctypes.Structure):
-    """glibc's ``struct mallinfo2`` (2.33 and later): the heap's bytes in use and free, all arenas."""
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux's /proc/self/statm), or None where that cannot be read."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
 
-
-def reuse_freed_memory(trim_every: float | None = TRIM_EVERY_SECONDS, trim_growth: int = TRIM_GROWTH_BYTES) -> bool:
-    """glibc: serve large allocations from the heap and keep what is freed for the next ones, in 2 arenas; every
-    ``trim_every`` seconds (None: never) a daemon thread hands free pages back to the system if the heap's free
-    bytes have grown by ``trim_growth`` since it last did (always, where glibc has no ``mallinfo2``).
+def reuse_freed_memory(trim_every: float | None = TRIM_EVERY_SECONDS, trim_growth: int = TRIM_GROWTH_BYTES,
+                       warm_up: float = TRIM_WARM_UP_SECONDS) -> bool:
+    """glibc: serve large allocations from the heap and keep what is freed for the next ones, in 2 arenas; a daemon
+    thread hands free pages back to the system (``malloc_trim``) every ``trim_every`` seconds (None: never) at which
+    resident memory lies ``trim_growth`` bytes or more above what it was ``warm_up`` seconds into the run (every
+    time, where /proc/self/statm cannot be read).
 
     The embed's large blocks are made and freed over and over: each block program's run takes a 55.6 MB temporary
     (the built-in model, 256 lanes), each char-CNN insert of 1,024 tokens 41 MB, each gather 25 MB of output.
@@ -110,11 +113,13 @@ def reuse_freed_memory(trim_every: float | None = TRIM_EVERY_SECONDS, trim_growt
     fresh memory that the kernel faults in and zeroes: 10,000 lines took ~1M page faults and 1.6-1.9 s of system
     time. Kept on the heap, 0.16-0.45M faults and 0.7-1.0 s: the whole process 6.34-6.64 s against 6.64-6.80 s, at
     a peak RSS of 793-845 MB against 706-726 MB. Two arenas shared by all threads, as XLA's workers make the blocks
-    that the writer thread frees. Left alone, the heap's free fragments crept up with the corpus (RSS 800 to 950 MB
-    over 100,000 lines); ``malloc_trim`` returns them. Trimmed on a clock (every 2 s), it also handed back the
-    blocks that lay free at that moment and the next program run faulted them in again (on these VMs fresh memory
-    costs ~1-2 ms a MB); trimmed on growth, 10,000 lines run 0.17-0.27 s faster (3 alternating pairs).
+    that the writer thread frees. Left alone, the heap's free fragments creep up with the corpus (100,000 lines: from
+    1,350 MB 4 s in to 1,470 MB at the end, the token table's gates included), which ``malloc_trim`` returns. Each
+    trim also hands back the blocks that lie free at that moment, 200-300 MB that the next program runs fault in
+    again (on these VMs fresh memory costs ~1-2 ms a MB): trimmed every 2 s as before, 10,000 lines ran 0.17-0.27 s
+    slower (3 alternating pairs); now they are not trimmed at all, and 100,000 lines once or twice.
     Process-wide, so only the CLI sets it. Returns whether it was set (False off glibc)."""
+    import ctypes
     import ctypes.util
 
     try:
@@ -127,18 +132,14 @@ def reuse_freed_memory(trim_every: float | None = TRIM_EVERY_SECONDS, trim_growt
     if done and trim_every:
         import threading
 
-        free_bytes = getattr(libc, "mallinfo2", None)
-        if free_bytes is not None:
-            free_bytes.restype = _MallInfo2
-
         def trim_forever():
-            trimmed_at = 0  # the heap's free bytes at the last trim
+            time.sleep(warm_up)
+            working_set = resident_bytes()
             while True:
                 time.sleep(trim_every)
-                free = free_bytes().fordblks if free_bytes is not None else trimmed_at + trim_growth
-                if free >= trimmed_at + trim_growth:
+                resident = resident_bytes()
+                if working_set is None or resident is None or resident >= working_set + trim_growth:
                     trim(0)
-                    trimmed_at = free
 
         threading.Thread(target=trim_forever, name="malloc_trim", daemon=True).start()
     return done

@@ -28,7 +28,8 @@ import ctypes, resource, sys, time
 from elmo_jax.embed_cli import reuse_freed_memory
 if sys.argv[1] != "off":
     assert reuse_freed_memory(trim_every=None if sys.argv[1] == "on" else 0.05,
-                              trim_growth=(32 if sys.argv[1] == "trimmed" else 128) << 20)
+                              trim_growth=(32 if sys.argv[1] == "trimmed" else 128) << 20, warm_up=0)
+    time.sleep(0.2)  # its thread has read the resident memory it compares against
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 def touch():
@@ -46,9 +47,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="a glibc allocator policy")
 def test_the_embed_commands_allocator_policy_reuses_freed_memory():
     """With ``reuse_freed_memory`` a freed 64 MB block is taken again without faulting its pages in anew (glibc's
-    default mmaps it afresh: 16,384 page faults), but after a trim (its thread, here every 0.05 s once 32 MB more lie
-    free) it is handed back, and not while less than that has grown free (128 MB here); each in a process of its own
-    (the policy is process-wide)."""
+    default mmaps it afresh: 16,384 page faults), but after a trim (its thread, here every 0.05 s once resident memory
+    has grown by 32 MB since it started) it is handed back, and not while it has grown by less (128 MB here); each in
+    a process of its own (the policy is process-wide)."""
     import subprocess
     import sys
 
