@@ -71,7 +71,7 @@ GATE_TABLE_BYTES = 512 << 20
 INSERT_SIZES = {"short": (64, 256, 1024), "long": (16, 128)}  # new tokens per char-CNN call
 WINDOW_PER_LANE = 2  # sentences read and packed at a time, per lane
 LOOK_AHEAD_PER_LANE = 8  # sentences read first: an input shorter than this is packed at once (choose_lanes)
-TAIL_PER_LANE = 4  # sentences a lane read ahead of the window being placed: a stream's last window holds them all
+TAIL_PER_LANE = 8  # sentences a lane read ahead of the window being placed: a stream's last window holds them all
 STEP_OVERHEAD_LANES = {"cpu": 32}  # a step's fixed cost in lanes (choose_lanes); elsewhere all lanes (not measured)
 # a feature-major step's (below): a whole 2x4096 block step by lanes 1, 4, 8, 16, 32, 64, 128 took 4.6, 8.5 (hoisted),
 # 10.8, 13.6, 18.1, 33.6, 68.4 ms, about lanes + 8 at ~0.5 ms a lane; with 32, 900 held-out sentences got 128 lanes,
@@ -759,8 +759,9 @@ class _Stream:
         timeline = Timeline(lanes, self.embedder.block_steps, lane_subsets(lanes // n_devices), n_devices)
         # A window is placed only once TAIL_PER_LANE sentences a lane after it have been read, so the stream's last
         # sentences go into the lanes as one window, longest first: the lanes then end within a short sentence of
-        # each other, not a long one (10,000 held-out lines, 256 lanes: 25 blocks, the fewest their steps fill + 1;
-        # read 2 a lane at a time to the end, 27).
+        # each other, not a long one (10,000 held-out lines, 256 lanes: 23 blocks, the fewest their steps fill; with
+        # 4 a lane 24, 3 lanes ran 10-21 steps past the others with a long sentence placed in the window before the
+        # last; read 2 a lane at a time to the end, 27 before the sentence start state).
         pending, start, exhausted = ahead, 0, known
         tail = TAIL_PER_LANE * self.lanes
         while True:
