@@ -38,11 +38,22 @@ def test_lanes_and_blocks_never_change_the_numbers(tiny_model, expected, lanes, 
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_insert_chunks_pad_less_than_the_smallest_size():
+    """New tokens go to the char CNN in calls of fixed sizes, padded in all by less than the smallest."""
+    for n in range(0, 3000, 7):
+        chunks = embed.insert_chunks(n, (256, 1024))
+        assert [c[0] for c in chunks] == [sum(c[2] for c in chunks[:k]) for k in range(len(chunks))]
+        assert sum(c[1] for c in chunks) == n and all(0 < c[1] <= c[2] for c in chunks)
+        assert sum(c[2] for c in chunks) - n < 256
+    assert [c[2] for c in embed.insert_chunks(2 * 1024 + 700, (256, 1024))] == [1024, 1024, 256, 256, 256]
+    assert [c[2] for c in embed.insert_chunks(800, (256, 1024))] == [1024]
+
+
 def test_compilations_do_not_grow_with_the_corpus(tiny_model):
     small, large = Embedder(model=tiny_model, batch_size=8), Embedder(model=tiny_model, batch_size=8)
     list(small.embed_sentences(_sentences(100, seed=1)))
     list(large.embed_sentences(_sentences(1000, seed=1) + [["w" * 30, "x" * 20]]))  # long tokens too
-    # a block program per lane subset, token-table inserts in a few bucketed sizes (short and long tokens)
+    # a block program per lane subset, token-table inserts in a few fixed sizes (short and long tokens)
     assert small.compilations <= large.compilations <= len(lane_subsets(8)) + len(
         embed.INSERT_SIZES["short"]) + len(embed.INSERT_SIZES["long"])
     before = large.compilations
