@@ -21,6 +21,13 @@ def _sentences(n, seed=0):
     return [list(rng.choice(WORDS, size=rng.integers(1, 30))) for _ in range(n)]
 
 
+def _three_letter_sentences(n, letters, max_tokens, seed):
+    """n sentences of 1 to max_tokens - 1 tokens, each 3 random ``letters``: many distinct tokens, often repeated."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list(letters))
+    return [["".join(rng.choice(letters, size=3)) for _ in range(rng.integers(1, max_tokens))] for _ in range(n)]
+
+
 @pytest.fixture(scope="module")
 def expected(tiny_model):
     sentences = _sentences(24)
@@ -85,9 +92,7 @@ def test_token_table_frees_the_least_used_rows_in_place():
 def test_token_table_compaction_and_growth_keep_the_numbers(tiny_model, monkeypatch):
     monkeypatch.setattr(embed, "TABLE_BYTES", 0)
     monkeypatch.setattr(embed, "TABLE_MIN_ROWS", 40)
-    rng = np.random.default_rng(3)
-    letters = np.array(list("abcdefghij"))
-    sentences = [["".join(rng.choice(letters, size=3)) for _ in range(rng.integers(1, 12))] for _ in range(60)]
+    sentences = _three_letter_sentences(60, "abcdefghij", 12, seed=3)
     embedder = Embedder(model=tiny_model, batch_size=2, block_steps=4)
     assert embedder._tokens.capacity == 40
     got = list(embedder.embed_sentences(sentences))  # windows of 16 sentences: ~100 distinct tokens each
@@ -120,9 +125,7 @@ def test_token_table_sized_to_a_known_input_grows_for_a_longer_one(tiny_model, m
     to the largest at once. The numbers are the loop reference's throughout."""
     monkeypatch.setattr(embed, "TABLE_MIN_ROWS", 16)
     monkeypatch.setattr(embed, "LOOK_AHEAD_PER_LANE", 2)
-    rng = np.random.default_rng(5)
-    letters = np.array(list("abcdefghijkl"))
-    sentences = [["".join(rng.choice(letters, size=3)) for _ in range(rng.integers(1, 9))] for _ in range(40)]
+    sentences = _three_letter_sentences(40, "abcdefghijkl", 9, seed=5)
     embedder = Embedder(model=tiny_model, batch_size=4, block_steps=4)
     assert embedder._table is None and embedder._capacity == embed.GATE_TABLE_ROWS
     short = sentences[:3]  # read whole at once (fewer than LOOK_AHEAD_PER_LANE a lane)
