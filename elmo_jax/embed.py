@@ -815,7 +815,8 @@ class _Stream:
             distinct, ids = flat_token_ids(window)
             tokens = self.tokens
             largest = self.embedder.table_rows(tokens, None)
-            if tokens.free() < len(distinct) and tokens.capacity < largest:  # a table made for a short input
+            if tokens.capacity < largest and tokens.free() < len(distinct) and tokens.free() < sum(
+                    token not in tokens.rows for token in distinct):  # a table made for a short input: grow it
                 tokens.grow(largest)
                 self._put("grow", largest)
             if tokens.free() < len(distinct):  # perhaps full: the live rows are worth finding
