@@ -133,9 +133,12 @@ def test_token_table_sized_to_a_known_input_grows_for_a_longer_one(tiny_model, m
     needed = len({"<S>", "</S>"} | {t for s in short for t in s})
     assert 16 <= len(embedder._table["vectors"]) == embedder._tokens.capacity == max(
         16, 1 << (needed - 1).bit_length()) < embed.GATE_TABLE_ROWS
+    small = embedder._tokens.capacity
+    got += list(embedder.embed_sentences(short[::-1]))  # its tokens are all in the table: it stays as it is
+    assert len(embedder._table["vectors"]) == embedder._tokens.capacity == small
     got += list(embedder.embed_sentences(iter(sentences)))  # read a window at a time: grows the table
     assert len(embedder._table["forward_gates"]) == embedder._tokens.capacity == embed.GATE_TABLE_ROWS
-    for a, s in zip(got, short + sentences):
+    for a, s in zip(got, short + short[::-1] + sentences):
         np.testing.assert_allclose(a, reference.bilm_sentence(tiny_model.params, tiny_model.options, s)[:, 1:-1],
                                    atol=1e-5)
 
