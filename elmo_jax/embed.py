@@ -817,12 +817,12 @@ class _Stream:
             largest = self.embedder.table_rows(tokens, None)
             if tokens.capacity < largest and tokens.free() < len(distinct) and tokens.free() < sum(
                     token not in tokens.rows for token in distinct):  # a table made for a short input: grow it
-                tokens.grow(largest)
+                tokens.resize(largest)
                 self._put("grow", largest)
             if tokens.free() < len(distinct):  # perhaps full: the live rows are worth finding
                 lacking = tokens.make_room(distinct, timeline.live_rows())
                 if lacking:  # rare: a huge window; a larger table (one more compilation)
-                    tokens.grow(round_up(tokens.capacity + lacking, tokens.capacity))
+                    tokens.resize(round_up(tokens.capacity + lacking, tokens.capacity))
                     self._put("grow", tokens.capacity)
             rows, new, new_rows = tokens.lookup(distinct)
             if new:

@@ -368,13 +368,9 @@ class TokenTable:
         self.uses //= 2
         return max(lacking - len(evicted), 0)
 
-    def grow(self, capacity: int) -> None:
-        """A larger table (rows past the old capacity are free)."""
-        self.uses = np.concatenate([self.uses, np.zeros(capacity - self.capacity, np.int64)])
-        self.capacity = capacity
-
     def resize(self, capacity: int) -> None:
-        """Another capacity for a table the device does not hold yet: larger, or smaller down to the rows in use."""
+        """Another capacity: larger (rows past the old capacity are free), or, for a table the device does not hold
+        yet, smaller down to the rows in use."""
         if capacity < len(self.tokens):
             raise ValueError(f"token table capacity {capacity} is smaller than the {len(self.tokens)} rows in use")
         self.uses = np.concatenate([self.uses[:capacity], np.zeros(max(capacity - self.capacity, 0), np.int64)])

@@ -83,7 +83,7 @@ def test_token_table_frees_the_least_used_rows_in_place():
     assert new == ["y"] and rows[0] == 3 and new_rows[0] in range(6, 16)  # a kept its row; y took a freed one
     assert table.tokens[new_rows[0]] == "y" and table.rows["c"] == 5
     assert table.make_room([f"z{k}" for k in range(40)], live_rows=np.arange(16)) == 40 - table.free()
-    table.grow(64)
+    table.resize(64)
     assert table.free() >= 40
     table.clear()
     assert table.tokens == [BOS_TOKEN, EOS_TOKEN, "the"] and table.free() == 61
