@@ -9,11 +9,12 @@ How a stream of sentences is embedded (packed lanes, as continuous batching in L
 2. The biLSTM runs the lanes in blocks of ``block_steps`` steps, one compiled program per (lanes, steps,
    mode) whatever the corpus. A block in which few lanes are busy (a short input, the end of any input) runs
    only those, in the fewest of ``lanes.lane_subsets`` (a few more programs), where that pays for compiling
-   the program (``lanes.drain_lanes``, timed at a stream's end). A reset flag beside the mask sets a
-   lane's state where a sentence starts to the state after the sentence boundary (<S> forward, </S> backward,
-   from zero state: the same for every sentence, computed in the block), so every sentence is computed exactly
-   as if alone from zero state (stateless) and no step runs a boundary. The backward LM reads each sentence
-   reversed within its slot. State, gathers and outputs stay inside the jitted block.
+   the program (``lanes.drain_lanes``: a block on all lanes, timed once, against a compilation). A reset flag
+   beside the mask sets a lane's state where a sentence starts to the state after the sentence boundary (<S>
+   forward, </S> backward, from zero state: the same for every sentence, computed in the block), so every
+   sentence is computed exactly as if alone from zero state (stateless) and no step runs a boundary. The
+   backward LM reads each sentence reversed within its slot. State, gathers and outputs stay inside the jitted
+   block.
 3. Each block writes its outputs into a device ring of recent steps; a gather program reads finished
    sentences from it, whole and in input order (each token's backward half from its reversed slot), into one
    (tokens, [layers,] dim) array in the output dtype. Blocks and gathers are dispatched asynchronously; the
@@ -101,7 +102,6 @@ SPLIT_MIN_LANES = 16
 START_ROWS = {False: 1, True: 8}
 RING_STEPS = 256  # steps of each lane's outputs kept on the device (doubled when a long sentence needs it)
 IN_FLIGHT = 2  # gathers dispatched ahead of the one being copied back
-DRAIN_MIN_BLOCKS = 4  # blocks on all lanes timed before a stream's end weighs compiling against running
 # a block program's compilation is taken as at least this long: one found in the persistent compilation cache
 # loads in a fraction of it, and what an input's end compiles should not depend on the cache's state
 DRAIN_MIN_COMPILE_SECONDS = 0.5
@@ -318,7 +318,9 @@ class Embedder:
         self.params = jax.device_put(compute_params, replicated(self.mesh))
         self.short_chars = short_token_chars(self.options)
         self.compilations = 0  # programs traced so far (each jitted piece counts once per shape)
-        self._block_programs: set[tuple] = set()  # (lanes, ring steps, lanes run, mode) of each block program
+        # (table rows, lanes, ring steps, lanes run, mode) of each block program -> the seconds one block of it took
+        # to run, timed once on its second call (_run; None until then): what an input's end weighs compiling against
+        self._block_programs: dict[tuple, float | None] = {}
         self._block_compile_seconds: float | None = None  # the last block program's compilation (_run's drain)
         self._insert = jax.jit(self._traced_insert, donate_argnums=(1,))
         self._block = jax.jit(self._traced_block, static_argnames=("mode",), donate_argnums=(2, 3))
@@ -368,7 +370,7 @@ class Embedder:
     def _traced_block(self, params, table, state, ring, first_step, forward, backward, reset, mask, weights, active,
                       *, mode):
         self.compilations += 1
-        self._block_programs.add(_program_key(table, ring, forward.shape[0], mode))
+        self._block_programs.setdefault(_program_key(table, ring, forward.shape[0], mode), None)
         # a CPU runs a large model's blocks feature-major, but for one lane or few, with the input half of the
         # gates hoisted before the scan
         per_device = forward.shape[0] // self.n_devices
@@ -512,13 +514,15 @@ class Embedder:
                     tokens.clear()
                 self._table_lock.release()
 
-    def _drain_plan(self, counts: list[int], lanes: int, table, ring, mode: str, full: list) -> dict | None:
-        """How the blocks at a stream's end run (``lanes.drain_lanes``), from what this stream measured: the
-        seconds a block program took to compile and a block on all lanes to run (``full``: [the time the first
-        one returned, the blocks dispatched since]). None (each block on its own subset) without measurements."""
-        if self.stand_in_device or self._block_compile_seconds is None or full[1] < DRAIN_MIN_BLOCKS:
+    def _drain_plan(self, counts: list[int], lanes: int, table, ring, mode: str) -> dict | None:
+        """How the blocks at a stream's end run (``lanes.drain_lanes``), from what was measured: the seconds a
+        block program took to compile and a block on all lanes to run (timed once per program, ``_run``). None
+        (each block on its own subset) without measurements: no block on all lanes has run twice."""
+        if self.stand_in_device or self._block_compile_seconds is None:
             return None
-        block_seconds = (time.perf_counter() - full[0]) / full[1]
+        block_seconds = self._block_programs.get(_program_key(table, ring, lanes, mode))
+        if not block_seconds:
+            return None
         part = lanes // self.n_devices
         subsets = lane_subsets(part)
         compiled = {n for n in subsets
@@ -536,7 +540,6 @@ class Embedder:
         in_flight: collections.deque = collections.deque()
         ring = state = rows = lanes = drain = None
         done = 0  # steps written into the ring
-        full = [0.0, -1]  # blocks on all lanes: the time the first returned, the count dispatched since
 
         def gather(limit: float) -> bool:
             """Dispatch the reading of the next ready sentences (those finished by step ``limit``)."""
@@ -583,15 +586,20 @@ class Embedder:
                 if not self.stand_in_device:
                     arrays = jax.device_put((item.forward, item.backward, item.reset, item.mask), by_lane)
                     active = None if item.active is None else jax.device_put(item.active, by_lane)
-                    new = _program_key(device.table, ring, len(item.forward), mode) not in self._block_programs
+                    key = _program_key(device.table, ring, len(item.forward), mode)
+                    new = key not in self._block_programs
+                    timed = not new and item.active is None and self._block_programs[key] is None
+                    if timed:  # once per program: its second block alone, nothing else queued (a few ms idle)
+                        jax.block_until_ready((device.table, state, ring))
                     started = time.perf_counter()
                     state, ring = self._block(self.params, device.table, state, ring,
                                               np.int32(item.first_step % plan.steps), *arrays, weights, active,
                                               mode=mode)
                     if new:  # the call compiled the program (on this thread; the run itself is asynchronous)
                         self._block_compile_seconds = time.perf_counter() - started
-                    if item.active is None:
-                        full[:] = [time.perf_counter(), 0] if full[1] < 0 else [full[0], full[1] + 1]
+                    elif timed:
+                        jax.block_until_ready(state)
+                        self._block_programs[key] = time.perf_counter() - started
                 done = end
                 while plan.ready_tokens(done) >= rows and gather(done):
                     pass
@@ -606,7 +614,7 @@ class Embedder:
                     grown = jax.tree.map(lambda a: jnp.pad(a, ((0, item - len(a)), (0, 0))), device.table)
                     device.table = jax.device_put(grown, everywhere)
             elif kind == "drain":
-                drain = self._drain_plan(item, lanes, device.table, ring, mode, full)
+                drain = self._drain_plan(item, lanes, device.table, ring, mode)
             elif kind == "lanes":
                 lanes, rows = item, item * self.block_steps  # tokens per gather: what a block takes in
                 if not self.stand_in_device:
@@ -792,9 +800,9 @@ class _Stream:
                 self._put("block", block)
             start += len(window)
         blocks = timeline.pop_blocks(final=True)
-        if not known:  # a stream's end: the consumer weighs each lane subset's compilation against what it saves
-            self._put("drain", [lanes // n_devices if b.active is None else len(b.active) // n_devices
-                                for b in blocks])
+        # the end of a stream (or all of a known input): the consumer weighs each lane subset's compilation against
+        # what it saves
+        self._put("drain", [lanes // n_devices if b.active is None else len(b.active) // n_devices for b in blocks])
         for block in blocks:
             self._put("block", block)
         self._put("end")
