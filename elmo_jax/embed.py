@@ -800,8 +800,8 @@ class _Stream:
                 self._put("block", block)
             start += len(window)
         blocks = timeline.pop_blocks(final=True)
-        # the end of a stream (or all of a known input): the consumer weighs each lane subset's compilation against
-        # what it saves
+        # the input's last blocks, where lanes finish (a stream's or a known input's): the consumer weighs each lane
+        # subset's compilation against what it saves
         self._put("drain", [lanes // n_devices if b.active is None else len(b.active) // n_devices for b in blocks])
         for block in blocks:
             self._put("block", block)
