@@ -413,6 +413,19 @@ def test_an_inputs_end_keeps_the_numbers_whether_it_runs_on_subsets_or_all_lanes
     assert embedder._block._cache_size() == (2 if compile_blocks == 0 else 1)
 
 
+@pytest.mark.parametrize("count", [70, 40])
+def test_a_small_models_input_end_runs_on_all_lanes(tiny_model, count):
+    """Measured, not forced: the tiny model's block runs in milliseconds against >= 0.5 s to compile a program, so
+    the end of a stream and of a known input alike runs on the all-lanes program (the CLI's 2,000 lines compile
+    what its 100,000 do); the block program's run was timed once."""
+    sentences = _sentences(count, seed=7) + [list(np.random.default_rng(8).choice(WORDS, size=200))]
+    embedder = Embedder(model=tiny_model, batch_size=8, block_steps=4)
+    list(embedder.embed_sentences(sentences))
+    assert embedder._block._cache_size() == 1
+    [seconds] = embedder._block_programs.values()
+    assert 0 < seconds < embed.DRAIN_MIN_COMPILE_SECONDS
+
+
 def _compiling_is_free(monkeypatch):
     """An input's end runs every block on its own lane subset (``drain_lanes`` with compiling taken as free), as a
     large model's does: with the tiny model, a block costs far less than a compilation and all would run widened."""
