@@ -388,6 +388,12 @@ def test_a_widened_block_is_the_block_timeline_makes_with_those_lanes():
         assert widened >= 4
 
 
+def _ending_with_a_long_sentence(count):
+    """count short sentences, then one of 200 tokens: on 8 lanes, 70 are a stream (more than LOOK_AHEAD_PER_LANE a
+    lane) and 40 an input known in advance; either ends with the long sentence running on alone."""
+    return _sentences(count, seed=7) + [list(np.random.default_rng(8).choice(WORDS, size=200))]
+
+
 @pytest.mark.parametrize("compile_blocks", [0.0, 1e9])
 @pytest.mark.parametrize("count", [70, 40])
 def test_an_inputs_end_keeps_the_numbers_whether_it_runs_on_subsets_or_all_lanes(tiny_model, monkeypatch,
@@ -403,8 +409,8 @@ def test_an_inputs_end_keeps_the_numbers_whether_it_runs_on_subsets_or_all_lanes
         return decided[-1]
 
     monkeypatch.setattr(embed, "drain_lanes", decide)
-    sentences = _sentences(count, seed=7) + [list(np.random.default_rng(8).choice(WORDS, size=200))]
-    embedder = Embedder(model=tiny_model, batch_size=8, block_steps=4)  # 70 > 8 sentences a lane: a stream
+    sentences = _ending_with_a_long_sentence(count)
+    embedder = Embedder(model=tiny_model, batch_size=8, block_steps=4)
     got = list(embedder.embed_sentences(sentences))
     for sentence, vectors in zip(sentences, got):
         want = reference.bilm_sentence(tiny_model.params, tiny_model.options, sentence)[:, 1:-1]
@@ -418,7 +424,7 @@ def test_a_small_models_input_end_runs_on_all_lanes(tiny_model, count):
     """Measured, not forced: the tiny model's block runs in milliseconds against >= 0.5 s to compile a program, so
     the end of a stream and of a known input alike runs on the all-lanes program (the CLI's 2,000 lines compile
     what its 100,000 do); the block program's run was timed once."""
-    sentences = _sentences(count, seed=7) + [list(np.random.default_rng(8).choice(WORDS, size=200))]
+    sentences = _ending_with_a_long_sentence(count)
     embedder = Embedder(model=tiny_model, batch_size=8, block_steps=4)
     list(embedder.embed_sentences(sentences))
     assert embedder._block._cache_size() == 1
