@@ -47,6 +47,7 @@ from .lanes import (BOS_ROW, EOS_ROW, GatherPlan, Slots, Timeline, TokenTable, c
                     flat_token_ids, lane_subsets, slot_steps, widen)
 from .lstm import feature_major_kernels, token_input_gates
 from .options import BiLMOptions
+from .programs import Program, source_digest
 from .sharding import by_batch, data_mesh, replicated, round_up
 
 OUTPUT_MODES = ("all", "top", "average", "token")
@@ -282,11 +283,15 @@ class Embedder:
         beside the others (lstm.bidirectional_layer; +300 MB at 2x4096).
       stand_in_device: replace every device computation by zeros, to time the host side alone
         (``benchmarks/bench_embed.py --host-only``); the outputs are then meaningless.
+      program_cache: a directory where each program's trace is kept (``programs.Program``), so that a later
+        process with the same code, model options and devices does not trace it again (``elmo-jax embed`` keeps
+        them beside its XLA compilation cache); speed only. Default: none kept.
     """
 
     def __init__(self, options_file: str | os.PathLike | None = None, weight_file: str | os.PathLike | None = None,
                  *, model: BiLM | None = None, batch_size: int | None = None, dtype: str = "float32", devices=None,
-                 vocab: Iterable[str] | None = None, block_steps: int | None = None, stand_in_device: bool = False):
+                 vocab: Iterable[str] | None = None, block_steps: int | None = None, stand_in_device: bool = False,
+                 program_cache: str | os.PathLike | None = None):
         if isinstance(model, (str, os.PathLike)):
             model = BiLM.from_pretrained(model)
         if model is None and weight_file is None and options_file is not None and (
@@ -317,15 +322,11 @@ class Embedder:
                                                  for layer in compute_params["lstm"]["stacked"]]
         self.params = jax.device_put(compute_params, replicated(self.mesh))
         self.short_chars = short_token_chars(self.options)
-        self.compilations = 0  # programs traced so far (each jitted piece counts once per shape)
+        self.compilations = 0  # programs made so far, traced or loaded (each jitted piece counts once per shape)
         # (table rows, lanes, ring steps, lanes run, mode) of each block program -> the seconds one block of it took
         # to run, timed once on its second call (_run; None until then): what an input's end weighs compiling against
         self._block_programs: dict[tuple, float | None] = {}
         self._block_compile_seconds: float | None = None  # the last block program's compilation (_run's drain)
-        self._insert = jax.jit(self._traced_insert, donate_argnums=(1,))
-        self._block = jax.jit(self._traced_block, static_argnames=("mode",), donate_argnums=(2, 3))
-        self._gather = jax.jit(self._traced_gather)
-        self._relayout = jax.jit(self._traced_relayout)  # a larger ring: nothing to donate into
         pinned = [] if vocab is None else list(vocab)
         itemsize = np.dtype(self.dtype).itemsize
         min_rows = max(TABLE_MIN_ROWS, 4 * len(pinned) + 4)
@@ -337,6 +338,13 @@ class Embedder:
         if self._token_gates:
             capacity = min(capacity, GATE_TABLE_ROWS)
         self._tokens = TokenTable(capacity, pinned, model.characters.boundary_tokens)  # the device table's map
+        self.program_cache = None if program_cache is None else os.fspath(program_cache)
+        program = functools.partial(Program, directory=self.program_cache, on_new=self._count, platform=self.platform,
+                                    salt="" if program_cache is None else self._trace_salt())
+        self._insert = program(self._traced_insert, name="insert", donate_argnums=(1,))
+        self._block = program(self._traced_block, name="block", static_argnames=("mode",), donate_argnums=(2, 3))
+        self._gather = program(self._traced_gather, name="gather")
+        self._relayout = program(self._traced_relayout, name="relayout")  # a larger ring: nothing to donate into
         self._capacity, self._min_rows = capacity, min_rows  # the table's largest and smallest sizes
         self._table = None  # made by the first stream, sized to its input where that is known (_Stream._pack)
         self._table_lock = threading.Lock()  # one stream at a time uses (and extends) the shared table
@@ -363,14 +371,23 @@ class Embedder:
         return min(self._capacity, max(self._min_rows, 1 << max(needed - 1, 0).bit_length()))
 
     # ----- jitted pieces (each traced once per shape) -----
+    def _count(self) -> None:
+        self.compilations += 1
+
+    def _trace_salt(self) -> str:
+        """Everything the jitted pieces' traces read beyond their arguments' shapes, dtypes and shardings (the
+        program cache's key): the code, the model's options, the devices, the layout decisions and the constants
+        they are made by (a test may set them)."""
+        return repr((source_digest(), self.options, self.platform, self.n_devices,
+                     self.mesh.devices.flat[0].device_kind, self._feature_major, self._token_gates, self._kernel_bytes,
+                     FUSE_MIN_LANES, FUSE_ALWAYS_BYTES, FEATURE_MAJOR_MIN_LANES, SPLIT_MIN_LANES, START_ROWS,
+                     BOS_ROW, EOS_ROW))
+
     def _traced_insert(self, params, table, rows, char_ids):
-        self.compilations += 1  # runs once per compilation, not per call
         return insert_tokens(params, self.options, table, rows, char_ids)
 
     def _traced_block(self, params, table, state, ring, first_step, forward, backward, reset, mask, weights, active,
                       *, mode):
-        self.compilations += 1
-        self._block_programs.setdefault(_program_key(table, ring, forward.shape[0], mode), None)
         # a CPU runs a large model's blocks feature-major, but for one lane or few, with the input half of the
         # gates hoisted before the scan
         per_device = forward.shape[0] // self.n_devices
@@ -394,11 +411,9 @@ class Embedder:
             params, table, state, ring, first_step, forward, backward, reset, mask, weights, active)
 
     def _traced_gather(self, ring, forward_at, backward_at):
-        self.compilations += 1
         return gather_tokens(ring, forward_at, backward_at)
 
     def _traced_relayout(self, ring, source):
-        self.compilations += 1
         return jnp.take(ring, source, axis=1)
 
     # ----- device side: the token table and the blocks -----
@@ -597,6 +612,7 @@ class Embedder:
                                               mode=mode)
                     if new:  # the call compiled the program (on this thread; the run itself is asynchronous)
                         self._block_compile_seconds = time.perf_counter() - started
+                        self._block_programs[key] = None
                     elif timed:
                         jax.block_until_ready(state)
                         self._block_programs[key] = time.perf_counter() - started

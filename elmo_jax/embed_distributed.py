@@ -37,8 +37,9 @@ class DistributedEmbedError(ValueError):
     """``--distributed`` cannot start: stdin input, bad settings, or no multi-process runtime."""
 
 
-def embed_distributed(args) -> None:
-    """Embed ``args.input`` into ``args.output`` with all processes (see the module docstring for the steps)."""
+def embed_distributed(args, program_cache: str | None = None) -> None:
+    """Embed ``args.input`` into ``args.output`` with all processes (see the module docstring for the steps);
+    ``program_cache``: the ``Embedder``'s."""
     from .characters import Vocabulary
     from .embed import Embedder, count_lines
     from .embed_output import merge_parts
@@ -61,7 +62,8 @@ def embed_distributed(args) -> None:
             os.mkdir(os.path.dirname(parts[k]))
         vocab = Vocabulary.from_file(args.vocab, require_specials=False).words if args.vocab else None
         embedder = Embedder(args.options, args.weights, model=args.model, batch_size=args.batch_size,
-                            dtype=args.dtype, vocab=vocab, block_steps=args.block_steps, devices=jax.local_devices())
+                            dtype=args.dtype, vocab=vocab, block_steps=args.block_steps, devices=jax.local_devices(),
+                            program_cache=program_cache)
         started = time.perf_counter()
         stats = embedder.embed_file(args.input, parts[k], mode=args.mode, empty_lines=args.empty_lines,
                                     progress=not args.quiet and k == 0, tokenizer=args.tokenizer, layout=args.layout,

@@ -416,7 +416,7 @@ def test_an_inputs_end_keeps_the_numbers_whether_it_runs_on_subsets_or_all_lanes
         want = reference.bilm_sentence(tiny_model.params, tiny_model.options, sentence)[:, 1:-1]
         np.testing.assert_allclose(vectors, want, atol=1e-5)
     assert len(decided) == 1 and decided[0][1] == (1 if compile_blocks == 0 else 2)  # 2 lanes a device: all
-    assert embedder._block._cache_size() == (2 if compile_blocks == 0 else 1)
+    assert embedder._block.signatures == (2 if compile_blocks == 0 else 1)
 
 
 @pytest.mark.parametrize("count", [70, 40])
@@ -427,7 +427,7 @@ def test_a_small_models_input_end_runs_on_all_lanes(tiny_model, count):
     sentences = _ending_with_a_long_sentence(count)
     embedder = Embedder(model=tiny_model, batch_size=8, block_steps=4)
     list(embedder.embed_sentences(sentences))
-    assert embedder._block._cache_size() == 1
+    assert embedder._block.signatures == 1
     [seconds] = embedder._block_programs.values()
     assert 0 < seconds < embed.DRAIN_MIN_COMPILE_SECONDS
 
@@ -449,7 +449,7 @@ def test_lane_subsets_keep_the_numbers(tiny_model, monkeypatch):
     for sentence, vectors in zip(sentences, got):
         want = reference.bilm_sentence(tiny_model.params, tiny_model.options, sentence)[:, 1:-1]
         np.testing.assert_allclose(vectors, want, atol=1e-5)
-    blocks = embedder._block._cache_size()
+    blocks = embedder._block.signatures
     assert blocks >= 2  # all 16 lanes, then subsets as lanes finish (the last blocks: the long sentence alone)
     before = embedder.compilations
     assert [v.shape for v in embedder.embed_sentences(sentences)] == [v.shape for v in got]
