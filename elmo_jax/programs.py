@@ -120,7 +120,7 @@ class Program:
     def _leaf_signature(self, leaf) -> tuple:
         """What a trace sees of an argument: shape, dtype, weak type and, for a device array, its sharding (the
         first one seen that is equivalent to it)."""
-        signature = (tuple(leaf.shape), str(leaf.dtype), bool(getattr(leaf, "weak_type", False)))
+        signature = (leaf.shape, leaf.dtype, getattr(leaf, "weak_type", False))
         sharding = getattr(leaf, "sharding", None)
         if sharding is None:
             return signature
