@@ -505,6 +505,14 @@ class Embedder:
         The cheapest way to a file: the device has already put each token's vectors in place. ``validate=False``
         skips checking that every token is a non-empty str (for tokenizer output, which is).
         """
+        for rows, lengths, _ in self._embed_rows(sentences, mode, batch_size, allow_empty, output_dtype, validate):
+            yield rows, lengths
+
+    def _embed_rows(self, sentences: Iterable[Sequence[str]], mode: str | Sequence[float] = "all",
+                    batch_size: int | None = None, allow_empty: bool = False, output_dtype: str = "float32",
+                    validate: bool = True, in_order: bool = True) -> Iterator[tuple[np.ndarray, ...]]:
+        """``embed_rows`` yielding (rows, lengths, indices): indices (sentences,) the sentences' positions in the
+        stream; ``in_order`` False: each as soon as it is finished (``GatherPlan``), not after all before it."""
         lanes = _check_positive("batch_size", batch_size) or self.lanes
         mode, weights = self._mode(mode)
         shared = self._table_lock.acquire(blocking=False)
@@ -518,7 +526,7 @@ class Embedder:
         stream = _Stream(self, sentences, lanes, tokens, allow_empty, validate, make_table=device.table is None)
         completed = False
         try:
-            yield from self._run(stream, device, mode, weights, np.dtype(output_dtype))
+            yield from self._run(stream, device, mode, weights, np.dtype(output_dtype), in_order)
             completed = True
         finally:
             stream.stop()
@@ -546,12 +554,13 @@ class Embedder:
         compile_seconds = max(self._block_compile_seconds, DRAIN_MIN_COMPILE_SECONDS)
         return drain_lanes(counts, subsets, compiled, overhead, compile_seconds / block_seconds)
 
-    def _run(self, stream: _Stream, device: _DeviceTable, mode: str, weights, dtype: np.dtype):
-        """Dispatch the stream's table updates, blocks and gathers; yield gathered rows in input order."""
+    def _run(self, stream: _Stream, device: _DeviceTable, mode: str, weights, dtype: np.dtype, in_order: bool):
+        """Dispatch the stream's table updates, blocks and gathers; yield gathered (rows, lengths, indices), the
+        sentences in input order, or (``in_order`` False) each batch's in input order among them as they finish."""
         lead = (self.options.n_representation_layers,) if mode == "all" else ()
         width = self.options.output_dim
         by_lane, everywhere = by_batch(self.mesh), replicated(self.mesh)
-        plan = GatherPlan(round_up(RING_STEPS, self.block_steps))
+        plan = GatherPlan(round_up(RING_STEPS, self.block_steps), in_order)
         in_flight: collections.deque = collections.deque()
         ring = state = rows = lanes = drain = None
         done = 0  # steps written into the ring
@@ -577,7 +586,7 @@ class Embedder:
             parts, taken = in_flight.popleft()
             n = int(taken.length.sum())
             out = np.asarray(parts[0]) if len(parts) == 1 else np.concatenate([np.asarray(p) for p in parts])
-            return out[:n] if parts else np.zeros((0, *lead, width), dtype), taken.length
+            return out[:n] if parts else np.zeros((0, *lead, width), dtype), taken.length, taken.index
 
         def fill(rows: np.ndarray, new: list[str]) -> None:
             """Write new tokens into the table at ``rows``, and the pinned rows first if they are not."""
@@ -703,9 +712,11 @@ class Embedder:
             with h5py.File(tmp, "w") as f, _BackgroundWriter(EmbeddingWriter(f, layout=layout,
                                                                               output_dtype=output_dtype,
                                                                               attrs=attrs)) as writer:
-                for rows, lengths in self.embed_rows(tokenized(), mode, batch_size, allow_empty=True,
-                                                     output_dtype=output_dtype, validate=False):
-                    writer.write_rows(rows, lengths)
+                # the AllenNLP layout names each sentence's dataset: written as each finishes (GatherPlan)
+                for rows, lengths, indices in self._embed_rows(tokenized(), mode, batch_size, allow_empty=True,
+                                                               output_dtype=output_dtype, validate=False,
+                                                               in_order=layout != "allennlp"):
+                    writer.write_rows(rows, lengths, indices)
                     stats["sentences"] += len(lengths)
                     stats["tokens"] += len(rows)
                     bar.update(len(lengths))
@@ -889,10 +900,10 @@ class _BackgroundWriter:
                 except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
                     self.error = error
 
-    def write_rows(self, rows: np.ndarray, lengths: np.ndarray) -> None:
+    def write_rows(self, rows: np.ndarray, lengths: np.ndarray, indices: np.ndarray | None = None) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((rows, lengths))
+        self.queue.put((rows, lengths, indices))
 
     def finish(self, sentence_to_index: dict) -> dict:
         self.queue.put(None)

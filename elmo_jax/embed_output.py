@@ -89,19 +89,28 @@ class EmbeddingWriter:
                                  f"found shape {a.shape}")
             self.write_rows(np.moveaxis(a, -2, 0), [a.shape[-2]])  # (n, [layers,] dim): a view
 
-    def write_rows(self, rows: np.ndarray, lengths: Sequence[int]) -> None:
-        """Append the next sentences in input order as one array: rows (tokens, [layers,] dim), the tokens of
-        consecutive sentences back to back, lengths (sentences,) their token counts (``Embedder.embed_rows``)."""
+    def write_rows(self, rows: np.ndarray, lengths: Sequence[int], indices: Sequence[int] | None = None) -> None:
+        """Append sentences as one array: rows (tokens, [layers,] dim), the tokens of consecutive sentences back
+        to back, lengths (sentences,) their token counts (``Embedder.embed_rows``). ``indices``: (sentences,) their
+        indices, in any order where the layout is "allennlp" (each names its dataset); None: the next ones in input
+        order."""
         lengths = np.asarray(lengths, np.int64)
         if rows.ndim not in (2, 3) or len(rows) != lengths.sum():
             raise ValueError(f"sentence {self.n_sentences}: expected rows (tokens, [layers,] dim) with "
                              f"{int(lengths.sum())} tokens, found shape {rows.shape}")
+        if indices is None:
+            indices = range(self.n_sentences, self.n_sentences + len(lengths))
+        elif len(indices) != len(lengths):
+            raise ValueError(f"sentence {self.n_sentences}: {len(lengths)} lengths but {len(indices)} indices")
         if self.layout == "allennlp":
             ends = np.cumsum(lengths).tolist()
-            for start, end in zip([0, *ends[:-1]], ends):
-                self._write_dataset(str(self.n_sentences), np.moveaxis(rows[start:end], 0, -2))
+            for index, start, end in zip(np.asarray(indices).tolist(), [0, *ends[:-1]], ends):
+                self._write_dataset(str(index), np.moveaxis(rows[start:end], 0, -2))
                 self.n_sentences += 1
         else:
+            if not np.array_equal(indices, np.arange(self.n_sentences, self.n_sentences + len(lengths))):
+                raise ValueError(f"sentence {self.n_sentences}: the packed layout takes sentences in input order, "
+                                 f"found indices {list(indices)[:4]}...")
             self._append(rows, lengths)
             self.n_sentences += len(lengths)
         self.n_tokens += len(rows)

@@ -395,16 +395,20 @@ def flat_token_ids(sentences: Sequence[Sequence[str]]) -> tuple[list[str], np.nd
 
 
 class GatherPlan:
-    """Which steps of the device's output ring to read, sentence by sentence, in input order.
+    """Which steps of the device's output ring to read, sentence by sentence.
 
     The ring holds the last ``steps`` steps of every lane (block b is written at step (b * block_steps) %
     steps), so a sentence can be read once its last step is written and until the ring comes round to its
-    first. Sentences are read in input order, whole, up to ``rows`` tokens at a time: the device gathers them
-    into one (rows, ...) array that the host hands on as it is.
+    first. Sentences are read whole, up to ``rows`` tokens at a time: the device gathers them into one (rows, ...)
+    array that the host hands on as it is. ``in_order``: in input order, each sentence after all before it (what
+    ``Embedder.embed_rows`` yields); else each as soon as it is finished, in input order among those (an AllenNLP
+    layout file names each sentence's dataset by its index). Packed longest first, a window's sentences finish in
+    no order: read in input order, the stream's last window (8 sentences a lane) was read only after its last
+    block, and the writer wrote it alone at the end while the devices idled.
     """
 
-    def __init__(self, steps: int):
-        self.steps = steps
+    def __init__(self, steps: int, in_order: bool = True):
+        self.steps, self.in_order = steps, in_order
         self.index = np.zeros(0, np.int64)  # the sentences not read yet, in input order
         self.lane = np.zeros(0, np.int64)
         self.start = np.zeros(0, np.int64)
@@ -423,25 +427,30 @@ class GatherPlan:
         real = self.length > 0
         return float(self.start[real].min()) if real.any() else float("inf")
 
-    def ready(self, done: int) -> int:
-        """How many of the next sentences have all their steps in the ring (``done`` steps written)."""
+    def ready(self, done: int) -> np.ndarray:
+        """(k,) positions among the sentences not read yet of those that may be read now (``done`` steps written),
+        ascending: all the finished ones, or in order the finished ones before the first that is not."""
         finished = self.start + slot_steps(self.length) <= done  # an empty sentence has length 0 and start 0
-        return len(finished) if finished.all() else int(np.argmin(finished))
+        if self.in_order:
+            return np.arange(len(finished) if finished.all() else int(np.argmin(finished)))
+        return np.flatnonzero(finished)
 
     def ready_tokens(self, done: int) -> int:
-        return int(self.length[: self.ready(done)].sum())
+        return int(self.length[self.ready(done)].sum())
 
     def take(self, done: int, rows: int) -> Slots | None:
-        """The next ready sentences with at most ``rows`` tokens in all (or one longer sentence alone)."""
-        count = self.ready(done)
-        if count == 0:
+        """The first ready sentences with at most ``rows`` tokens in all (or one longer sentence alone)."""
+        ready = self.ready(done)
+        if len(ready) == 0:
             return None
-        within = int(np.searchsorted(np.cumsum(self.length[:count]), rows, side="right"))
-        count = max(within, 1)
-        taken = Slots(self.index[:count], self.lane[:count], self.start[:count], self.length[:count])
+        within = int(np.searchsorted(np.cumsum(self.length[ready]), rows, side="right"))
+        taken = ready[: max(within, 1)]
+        slots = Slots(self.index[taken], self.lane[taken], self.start[taken], self.length[taken])
+        left = np.ones(len(self.index), bool)
+        left[taken] = False
         for name in ("index", "lane", "start", "length"):
-            setattr(self, name, getattr(self, name)[count:])
-        return taken
+            setattr(self, name, getattr(self, name)[left])
+        return slots
 
     def positions(self, slots: Slots, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Ring positions (lane * steps + step % steps) of the forward and backward halves of each token.

@@ -477,8 +477,8 @@ def test_gather_plan_reads_whole_sentences_in_input_order_and_unreverses_the_bac
     # (1 token) in lane 0 at step 0
     plan = GatherPlan(steps=8)
     plan.add(Slots(np.array([5, 6, 7]), np.array([1, 0, 0]), np.array([6, 0, 0]), np.array([3, 0, 1])))
-    assert plan.oldest_start() == 0 and plan.ready(done=8) == 0  # sentence 5 ends at step 8
-    assert plan.ready(done=9) == 3 and plan.ready_tokens(done=9) == 4
+    assert plan.oldest_start() == 0 and len(plan.ready(done=8)) == 0  # sentence 5 ends at step 8
+    assert plan.ready(done=9).tolist() == [0, 1, 2] and plan.ready_tokens(done=9) == 4
     taken = plan.take(done=9, rows=3)  # sentences 5 and 6 (empty): with 7 they would be 4 tokens
     assert taken.index.tolist() == [5, 6] and len(plan) == 1
     forward, backward = plan.positions(taken, rows=3)
@@ -487,6 +487,19 @@ def test_gather_plan_reads_whole_sentences_in_input_order_and_unreverses_the_bac
     assert plan.take(done=9, rows=3).index.tolist() == [7] and plan.oldest_start() == float("inf")
     source = GatherPlan(steps=4).relayout(done=10, steps=8)  # steps 6..9 were at 2, 3, 0, 1
     assert source[[6, 7, 0, 1]].tolist() == [2, 3, 0, 1]
+
+
+def test_gather_plan_in_any_order_reads_each_sentence_once_finished():
+    """Sentence 5 runs to step 8; 6 (empty) and 7 (step 0) are read before it, and it alone after."""
+    plan = GatherPlan(steps=8, in_order=False)
+    plan.add(Slots(np.array([5, 6, 7]), np.array([1, 0, 0]), np.array([6, 0, 0]), np.array([3, 0, 1])))
+    assert plan.ready(done=1).tolist() == [1, 2] and plan.ready_tokens(done=1) == 1
+    taken = plan.take(done=1, rows=3)
+    assert taken.index.tolist() == [6, 7] and taken.length.tolist() == [0, 1] and plan.oldest_start() == 6
+    assert plan.take(done=8, rows=3) is None
+    taken = plan.take(done=9, rows=3)
+    assert taken.index.tolist() == [5] and len(plan) == 0
+    assert plan.positions(taken, rows=3)[0].tolist() == [8 + 6, 8 + 7, 8 + 0]
 
 
 def test_short_tokens_skip_padding_windows_exactly(tiny_model):
@@ -612,3 +625,34 @@ def test_feature_major_blocks_keep_the_numbers(tiny_model, expected, monkeypatch
         np.testing.assert_allclose(a, b, atol=1e-5)
     lanes_run = {key[3] // devices for key in embedder._block_programs}  # lanes a device
     assert max(lanes_run) >= embed.FEATURE_MAJOR_MIN_LANES > min(lanes_run)
+
+
+@pytest.mark.parametrize("layout", ["allennlp", "packed"])
+def test_a_file_is_written_as_sentences_finish_and_reads_in_input_order(tiny_model, tmp_path, monkeypatch, layout):
+    """A long first sentence finishes last: the AllenNLP layout writes the others' datasets before it (each named
+    by its line), the packed layout waits for it; both read back line by line as the loop reference."""
+    from elmo_jax import embed_output
+    from elmo_jax.embed_output import open_embeddings
+
+    sentences = [list(np.random.default_rng(1).choice(WORDS, size=60))] + _sentences(40, seed=2)
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(" ".join(s) for s in sentences) + "\n")
+    written = []
+    write_rows = embed_output.EmbeddingWriter.write_rows
+
+    def spy(self, rows, lengths, indices=None):
+        written.append(list(range(self.n_sentences, self.n_sentences + len(lengths))) if indices is None
+                       else np.asarray(indices).tolist())
+        return write_rows(self, rows, lengths, indices)
+
+    monkeypatch.setattr(embed_output.EmbeddingWriter, "write_rows", spy)
+    embedder = Embedder(model=tiny_model, batch_size=4, block_steps=4)
+    embedder.embed_file(source, tmp_path / "out.hdf5", layout=layout, progress=False)
+    order = [i for batch in written for i in batch]
+    assert sorted(order) == list(range(len(sentences)))
+    assert (order.index(0) > 0) == (layout == "allennlp")
+    stored = open_embeddings(tmp_path / "out.hdf5")
+    assert len(stored) == len(sentences)
+    for i, sentence in enumerate(sentences):
+        want = reference.bilm_sentence(tiny_model.params, tiny_model.options, sentence)[:, 1:-1]
+        np.testing.assert_allclose(stored[i], want, atol=1e-5)
