@@ -36,6 +36,7 @@ ELMoForManyLangs at its published size (the package's cnn_50_100_512_4096_sample
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -119,19 +120,30 @@ def run_peer(script: str, python: str, files, sentences: str, args, out: str) ->
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def compare_peers(args, files, sentence_file: str, read_ours) -> dict:
-    """Each requested peer's tokens/s and its max abs difference from ours (read_ours(i) -> array i)."""
+def requested_peers(args) -> list[tuple[str, str, str]]:
+    """(name, harness script, python) of each peer the flags ask for."""
     peers = [("allennlp", "ref_allennlp.py", args.allennlp_python)] if args.compare_allennlp else []
     peers += [("tf", "ref_tf.py", args.tf_python)] if args.compare_tf else []
     peers += [("efml", "ref_efml.py", args.efml_python)] if args.compare_efml else []
+    return peers
+
+
+def compare_peer(peer: tuple[str, str, str], args, files, sentence_file: str, read_ours) -> dict:
+    """A peer's tokens/s and its max abs difference from ours (read_ours(i) -> array i)."""
+    name, script, python = peer
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = run_peer(script, python, files, sentence_file, args, os.path.join(tmp, "ref.hdf5"))
+        with h5py.File(os.path.join(tmp, "ref.hdf5"), "r") as f:
+            diff = max(float(np.abs(f[key][...] - read_ours(int(key))).max()) for key in f if key.isdigit())
+    return {f"{name}_tokens_per_s": reference["tokens_per_s"], f"{name}_seconds_all": reference["seconds_all"],
+            f"max_abs_diff_vs_{name}": diff}
+
+
+def compare_peers(args, files, sentence_file: str, read_ours) -> dict:
+    """Each requested peer's tokens/s and its max abs difference from ours (read_ours(i) -> array i)."""
     out = {}
-    for name, script, python in peers:
-        with tempfile.TemporaryDirectory() as tmp:
-            reference = run_peer(script, python, files, sentence_file, args, os.path.join(tmp, "ref.hdf5"))
-            with h5py.File(os.path.join(tmp, "ref.hdf5"), "r") as f:
-                diff = max(float(np.abs(f[key][...] - read_ours(int(key))).max()) for key in f if key.isdigit())
-        out.update({f"{name}_tokens_per_s": reference["tokens_per_s"], f"{name}_seconds_all": reference["seconds_all"],
-                    f"max_abs_diff_vs_{name}": diff})
+    for peer in requested_peers(args):
+        out.update(compare_peer(peer, args, files, sentence_file, read_ours))
     return out
 
 
@@ -202,9 +214,11 @@ def model_benchmark(args, files, sentences, sentence_file) -> dict:
 
 def whole_process_benchmark(args, files, sentences, sentence_file) -> dict:
     """`elmo-jax embed IN OUT` as a user runs it, timed from process start to exit: the best of ``--repeats`` runs,
-    each into a new directory (the peers' figure is their best warm pass of as many); all runs are reported. Each
-    run traces its programs; one that an earlier run (of this benchmark or not) compiled loads from the CLI's
-    compilation cache, as on a user's second run."""
+    each into a new directory (the peers' figure is their best warm pass of as many); all runs are reported. A run
+    after the first one on a machine loads its programs' traces and compiled code from the CLI's caches, as a
+    user's second run does. With peers, our runs are spread between theirs (e.g. ours, AllenNLP, ours, bilm-tf,
+    ours; "order"): each peer takes minutes, and this machine's speed moves in phases of minutes, which all our runs
+    back to back could fall in."""
     peak = matmul_peak()
     with tempfile.TemporaryDirectory() as tmp:
         flags = ["--quiet", "--layout", args.layout, "--output-dtype", args.output_dtype, "--dtype", args.dtype]
@@ -218,15 +232,27 @@ def whole_process_benchmark(args, files, sentences, sentence_file) -> dict:
         timer = shutil.which("time")
         timed = [timer, "-f", "maxrss_kb=%M"] if timer else []
         runs = []  # (seconds, peak RSS in KB, summary line, output file) of each run
-        for repeat in range(args.repeats):
-            out = os.path.join(tmp, str(repeat), "out.hdf5")
-            os.makedirs(os.path.dirname(out))
-            start = time.perf_counter()
-            done = subprocess.run([*timed, sys.executable, "-m", "elmo_jax.cli", "embed", sentence_file, out, *flags],
-                                  check=True, capture_output=True, text=True)
-            seconds = time.perf_counter() - start
-            found = re.findall(r"^maxrss_kb=(\d+)$", done.stderr, re.MULTILINE)
-            runs.append((seconds, int(found[-1]) if found else None, done.stdout.strip().splitlines()[-1], out))
+        peers, compared, order = requested_peers(args), {}, []
+        # our runs in len(peers) + 1 groups as even as can be, a peer after each group but the last
+        groups = [len(g) for g in np.array_split(np.arange(args.repeats), len(peers) + 1)]
+        for group, peer in itertools.zip_longest(groups, peers):
+            for _ in range(group or 0):
+                out = os.path.join(tmp, str(len(runs)), "out.hdf5")
+                os.makedirs(os.path.dirname(out))
+                start = time.perf_counter()
+                done = subprocess.run([*timed, sys.executable, "-m", "elmo_jax.cli", "embed", sentence_file, out,
+                                       *flags], check=True, capture_output=True, text=True)
+                seconds = time.perf_counter() - start
+                found = re.findall(r"^maxrss_kb=(\d+)$", done.stderr, re.MULTILINE)
+                runs.append((seconds, int(found[-1]) if found else None, done.stdout.strip().splitlines()[-1], out))
+                order.append("elmo_jax")
+            if peer is not None:
+                from elmo_jax.embed_output import open_embeddings
+
+                with open_embeddings(runs[0][3]) as ours:
+                    compared.update(compare_peer(peer, args, files, sentence_file,
+                                                 lambda i: np.asarray(ours[i], np.float32)))
+                order.append(peer[0])
         seconds, _, summary, out = min(runs)
         found = all(rss is not None for _, rss, _, _ in runs)
         peak_rss_kb = max(rss for _, rss, _, _ in runs) if found else resource.getrusage(
@@ -246,12 +272,8 @@ def whole_process_benchmark(args, files, sentences, sentence_file) -> dict:
             "bilstm_fraction_of_peak": round(lstm_flops(options) * slot_tokens(sentences) / seconds / peak, 3),
             "matmul_peak_gflops": round(peak / 1e9, 1),
         }
-        if args.compare_allennlp or args.compare_tf or args.compare_efml:
-            from elmo_jax.embed_output import open_embeddings
-
-            with open_embeddings(out) as ours:
-                result.update(compare_peers(args, files, sentence_file,
-                                            lambda i: np.asarray(ours[i], np.float32)))
+        if peers:
+            result.update(compared, order=order)
     return result
 
 
