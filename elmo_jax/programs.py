@@ -27,8 +27,7 @@ def source_digest() -> str:
     """sha256 of this package's Python sources and of the JAX and jaxlib versions: what a kept trace was made with."""
     digest = hashlib.sha256(f"jax {jax.__version__} jaxlib {jax.lib.__version__}".encode())
     root = os.path.dirname(os.path.abspath(__file__))
-    for folder, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
+    for folder, _, files in sorted(os.walk(root)):
         for name in sorted(files):
             if name.endswith(".py"):
                 path = os.path.join(folder, name)
