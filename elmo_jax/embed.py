@@ -505,8 +505,12 @@ class Embedder:
         The cheapest way to a file: the device has already put each token's vectors in place. ``validate=False``
         skips checking that every token is a non-empty str (for tokenizer output, which is).
         """
-        for rows, lengths, _ in self._embed_rows(sentences, mode, batch_size, allow_empty, output_dtype, validate):
-            yield rows, lengths
+        rows_of = self._embed_rows(sentences, mode, batch_size, allow_empty, output_dtype, validate)
+        try:
+            for rows, lengths, _ in rows_of:
+                yield rows, lengths
+        finally:  # a consumer that stops early ends the stream now, not when the generator is collected
+            rows_of.close()
 
     def _embed_rows(self, sentences: Iterable[Sequence[str]], mode: str | Sequence[float] = "all",
                     batch_size: int | None = None, allow_empty: bool = False, output_dtype: str = "float32",
