@@ -19,8 +19,8 @@ the token table (``TokenTable``: the token vectors that live on the device), so 
 integer/bool arrays: forward rows, backward rows, reset and mask, each (lanes, block_steps).
 
 The device keeps the last steps of every lane's outputs in a ring; ``GatherPlan`` says where each finished
-sentence's vectors are, in input order: the forward half of token j at its slot's step j, the backward
-half at step n - 1 - j. A short input known in advance gets no more lanes than it fills (``choose_lanes``), and
+sentence's vectors are, in input order or as they finish: the forward half of token j at its slot's step j, the
+backward half at step n - 1 - j. A short input known in advance gets no more lanes than it fills (``choose_lanes``), and
 blocks where few lanes are busy run only those (``lane_subsets``).
 """
 
