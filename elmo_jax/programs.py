@@ -12,19 +12,21 @@ Without a directory a ``Program`` is ``jax.jit`` with a count of the signatures 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 
 import jax
 
+from .weights import write_atomic
+
 _SUFFIX = ".jaxexport"
 
 
-def source_digest() -> str:
-    """sha256 of this package's Python sources and of the JAX and jaxlib versions: what a kept trace was made with."""
+def _digest_sources() -> str:
+    """sha256 of this package's Python sources and of the JAX and jaxlib versions (~1 ms)."""
     digest = hashlib.sha256(f"jax {jax.__version__} jaxlib {jax.lib.__version__}".encode())
     root = os.path.dirname(os.path.abspath(__file__))
     for folder, _, files in sorted(os.walk(root)):
@@ -35,6 +37,16 @@ def source_digest() -> str:
                 with open(path, "rb") as handle:
                     digest.update(handle.read())
     return digest.hexdigest()
+
+
+# read with the package's modules, not when an Embedder is made: a source edited later in a long process (a notebook)
+# would otherwise key the traces of the code still running under the edited code's digest
+_SOURCE_DIGEST = _digest_sources()
+
+
+def source_digest() -> str:
+    """What a kept trace was made with: the package's sources as this process imported them, and JAX's version."""
+    return _SOURCE_DIGEST
 
 
 @contextlib.contextmanager
@@ -132,8 +144,9 @@ class Program:
 
     def _make(self, args: tuple, static: dict, signature: tuple) -> tuple[Callable, bool]:
         """The callable of a new signature, and whether it is a kept program (loaded, or traced and written)."""
+        jitted = functools.partial(self._jitted, **static)
         if self._directory is None:
-            return (lambda *a: self._jitted(*a, **static)), False
+            return jitted, False
         key = hashlib.sha256(repr((self._salt, self._platform, str(signature))).encode()).hexdigest()
         path = os.path.join(self._directory, f"{self._name}-{key}{_SUFFIX}")
         exported = self._read(path, signature[0])
@@ -143,7 +156,7 @@ class Program:
         exported = jax.export.export(self._jitted, platforms=None if self._platform is None else
                                      (self._platform,))(*args, **static)
         if "lapack" in exported.mlir_module():  # never the Embedder's: keep it only in this process's jit
-            return (lambda *a: self._jitted(*a, **static)), False
+            return jitted, False
         self._write(path, exported)
         return jax.jit(exported.call, donate_argnums=self._donate), True
 
@@ -158,17 +171,18 @@ class Program:
 
     @staticmethod
     def _write(path: str, exported) -> None:
-        """Write the blob under a temporary name and rename it: a reader never sees part of one. Best effort: a
+        """Write the blob atomically (``weights.write_atomic``: a reader never sees part of one). Best effort: a
         directory that cannot be written only means the next process traces again."""
         _register_namedtuples(exported.in_tree)
         _register_namedtuples(exported.out_tree)
-        blob, tmp = exported.serialize(), None
+        blob = exported.serialize()
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as out:
+                out.write(blob)
+
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            with os.fdopen(handle, "wb") as out:
-                out.write(blob)
-            os.replace(tmp, path)
+            write_atomic(path, write)
         except OSError:
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
+            pass
