@@ -72,8 +72,10 @@ GATE_TABLE_ROWS = 32768
 GATE_TABLE_BYTES = 512 << 20
 # new tokens per char-CNN call (insert_chunks): one program per size, whatever the input, so a run's programs do
 # not depend on the sizes of its windows' remainders (with (64, 256, 1024) and (16, 128): 5 programs for 2,000
-# held-out lines, 7 for 10,000, 6 for 100,000)
-INSERT_SIZES = {"short": (256, 1024), "long": (32,)}
+# held-out lines, 7 for 10,000, 6 for 100,000). At most 512: a call of 1,024 short tokens holds 41 MB of temporaries,
+# which the C allocator maps afresh for every call (over its 32 MB mmap threshold), so each call paid its page faults
+# again; 512 holds ~20 MB, reused. 16,384 new tokens took 0.53-0.58 s with (256, 1024), 0.37-0.40 s with (256, 512).
+INSERT_SIZES = {"short": (256, 512), "long": (32,)}
 WINDOW_PER_LANE = 2  # sentences read and packed at a time, per lane
 LOOK_AHEAD_PER_LANE = 8  # sentences read first: an input shorter than this is packed at once (choose_lanes)
 TAIL_PER_LANE = 8  # sentences a lane read ahead of the window being placed: a stream's last window holds them all
@@ -103,6 +105,11 @@ SPLIT_MIN_LANES = 16
 START_ROWS = {False: 1, True: 8}
 RING_STEPS = 256  # steps of each lane's outputs kept on the device (doubled when a long sentence needs it)
 IN_FLIGHT = 2  # gathers dispatched ahead of the one being copied back
+# gathered batches waiting for the writer thread (each 24 MB with the built-in model, all layers): the writer keeps up
+# on average (~0.5 GB/s against ~0.1 GB/s made), so a short queue only bounds memory; with 8, peak RSS at 10,000 lines
+# was ~50 MB higher, memory that costs the run again wherever fresh pages are dear (~2.3 ms a MB on this VM when the
+# host has reclaimed them, 0.13 when just freed)
+WRITER_QUEUE = 2
 # a block program's compilation is taken as at least this long: one found in the persistent compilation cache
 # loads in a fraction of it, and what an input's end compiles should not depend on the cache's state
 DRAIN_MIN_COMPILE_SECONDS = 0.5
@@ -888,7 +895,7 @@ class _BackgroundWriter:
 
     def __init__(self, writer):
         self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=8)
+        self.queue: queue.Queue = queue.Queue(maxsize=WRITER_QUEUE)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, daemon=True, name="elmo-jax-writer")
         self.thread.start()
