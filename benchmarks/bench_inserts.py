@@ -19,6 +19,7 @@ import numpy as np
 
 from elmo_jax import embed
 from elmo_jax.embed import Embedder
+from elmo_jax.embed_cli import reuse_freed_memory
 
 
 def main() -> None:
@@ -30,7 +31,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--options", help="options.json (with --weights); default: the built-in model")
     parser.add_argument("--weights")
+    parser.add_argument("--cli-malloc", action="store_true",
+                        help="first set the C allocator as `elmo-jax embed` does (embed_cli.reuse_freed_memory)")
     args = parser.parse_args()
+    if args.cli_malloc:
+        reuse_freed_memory(trim_every=None)
 
     candidates = [tuple(int(n) for n in sizes.split(",")) for sizes in args.sizes]
     embedder = Embedder(args.options, args.weights)
@@ -56,6 +61,7 @@ def main() -> None:
             seconds[sizes].append(round(insert(sizes), 4))
     print(json.dumps({
         "what": "token-table inserts by short-token call size", "tokens": len(words), "rounds": args.rounds,
+        "cli_malloc": args.cli_malloc,
         "seconds": {",".join(map(str, s)): v for s, v in seconds.items()},
         "best_us_per_token": {",".join(map(str, s)): round(min(v) / len(words) * 1e6, 1) for s, v in seconds.items()},
     }))

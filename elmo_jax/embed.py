@@ -72,9 +72,11 @@ GATE_TABLE_ROWS = 32768
 GATE_TABLE_BYTES = 512 << 20
 # new tokens per char-CNN call (insert_chunks): one program per size, whatever the input, so a run's programs do
 # not depend on the sizes of its windows' remainders (with (64, 256, 1024) and (16, 128): 5 programs for 2,000
-# held-out lines, 7 for 10,000, 6 for 100,000). At most 512: a call of 1,024 short tokens holds 41 MB of temporaries,
-# which the C allocator maps afresh for every call (over its 32 MB mmap threshold), so each call paid its page faults
-# again; 512 holds ~20 MB, reused. 16,384 new tokens took 0.53-0.58 s with (256, 1024), 0.37-0.40 s with (256, 512).
+# held-out lines, 7 for 10,000, 6 for 100,000). At most 512: in a process with glibc's default allocator (an Embedder in
+# the user's own process), a call of 1,024 short tokens holds 41 MB of temporaries, which glibc maps afresh for every
+# call (over its 32 MB mmap ceiling), so each call paid its page faults again; 512 holds ~20 MB, reused. 16,384 new
+# tokens took 0.55-0.64 s with (256, 1024), 0.37-0.48 s with (256, 512) (benchmarks/bench_inserts.py). `elmo-jax embed`
+# keeps freed memory for reuse anyway (embed_cli.reuse_freed_memory): there the two tie (22.0-22.7 us a token).
 INSERT_SIZES = {"short": (256, 512), "long": (32,)}
 WINDOW_PER_LANE = 2  # sentences read and packed at a time, per lane
 LOOK_AHEAD_PER_LANE = 8  # sentences read first: an input shorter than this is packed at once (choose_lanes)
