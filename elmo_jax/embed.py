@@ -44,7 +44,7 @@ from .bilm import (COMPUTE_DTYPES, BiLM, bilstm, initial_state, sentence_start_s
                    stacked_lstm_params, token_embedding)
 from .characters import TokenError
 from .lanes import (BOS_ROW, EOS_ROW, GatherPlan, Slots, Timeline, TokenTable, choose_lanes, drain_lanes,
-                    flat_token_ids, lane_subsets, slot_steps, widen)
+                    flat_token_ids, lane_subsets, slot_steps, vector_places, widen)
 from .lstm import feature_major_kernels, token_input_gates
 from .options import BiLMOptions
 from .programs import Program, source_digest
@@ -249,22 +249,23 @@ def write_block(params: dict, options: BiLMOptions, table: dict, state, ring: ja
 
 
 def gather_tokens(ring: jax.Array, forward_at: jax.Array, backward_at: jax.Array) -> jax.Array:
-    """Sentences' token vectors read from the ring, the backward half of each token from its reversed slot.
+    """Vectors read from the ring, the backward half of each from its token's reversed slot.
 
-    One gather straight into the output: taking the two halves apart and concatenating them held a temporary as
-    large as the output (25 MB a gather of the built-in model's 8,192 tokens, all layers) and copied it again.
+    One gather straight into the output, in the order the host asks (``lanes.vector_places``: token by token, or
+    each sentence's (layers, n) block for AllenNLP's layout, which a file then takes as it is). Taking the two
+    halves apart and concatenating them held a temporary as large as the output (25 MB a gather of the built-in
+    model's 8,192 tokens, all layers) and copied it again.
 
     Args:
-      ring: (lanes, ring_steps, [layers,] width); forward_at, backward_at: (rows,) int32 positions
-      lane * ring_steps + step of each token's forward and backward halves.
+      ring: (lanes, ring_steps, [layers,] width); forward_at, backward_at: (k,) int32 places (lane * ring_steps +
+      step) * layers + layer of each vector's forward and backward halves (layers 1 where the ring has none).
     Returns:
-      (rows, [layers,] width).
+      (k, width).
     """
-    lanes, steps, *lead, width = ring.shape
-    halves = ring.reshape(lanes * steps, -1, 2, width // 2)  # (positions, layers or 1, direction, half)
-    at = jnp.stack([forward_at, backward_at], axis=-1)[:, None, :]  # (rows, 1, direction)
-    vectors = halves[at, jnp.arange(halves.shape[1])[:, None], jnp.arange(2)]  # (rows, layers or 1, 2, half)
-    return vectors.reshape(forward_at.shape[0], *lead, width)
+    width = ring.shape[-1]
+    halves = ring.reshape(-1, 2, width // 2)  # (places, direction, half)
+    at = jnp.stack([forward_at, backward_at], axis=-1)  # (k, direction)
+    return halves[at, jnp.arange(2)].reshape(-1, width)
 
 
 class Embedder:
@@ -523,9 +524,11 @@ class Embedder:
 
     def _embed_rows(self, sentences: Iterable[Sequence[str]], mode: str | Sequence[float] = "all",
                     batch_size: int | None = None, allow_empty: bool = False, output_dtype: str = "float32",
-                    validate: bool = True, in_order: bool = True) -> Iterator[tuple[np.ndarray, ...]]:
+                    validate: bool = True, in_order: bool = True,
+                    blocked: bool = False) -> Iterator[tuple[np.ndarray, ...]]:
         """``embed_rows`` yielding (rows, lengths, indices): indices (sentences,) the sentences' positions in the
-        stream; ``in_order`` False: each as soon as it is finished (``GatherPlan``), not after all before it."""
+        stream; ``in_order`` False: each as soon as it is finished (``GatherPlan``), not after all before it;
+        ``blocked``: each sentence's rows hold its (layers, n, dim) array (``EmbeddingWriter.write_rows``)."""
         lanes = _check_positive("batch_size", batch_size) or self.lanes
         mode, weights = self._mode(mode)
         shared = self._table_lock.acquire(blocking=False)
@@ -539,7 +542,7 @@ class Embedder:
         stream = _Stream(self, sentences, lanes, tokens, allow_empty, validate, make_table=device.table is None)
         completed = False
         try:
-            yield from self._run(stream, device, mode, weights, np.dtype(output_dtype), in_order)
+            yield from self._run(stream, device, mode, weights, np.dtype(output_dtype), in_order, blocked)
             completed = True
         finally:
             stream.stop()
@@ -567,11 +570,13 @@ class Embedder:
         compile_seconds = max(self._block_compile_seconds, DRAIN_MIN_COMPILE_SECONDS)
         return drain_lanes(counts, subsets, compiled, overhead, compile_seconds / block_seconds)
 
-    def _run(self, stream: _Stream, device: _DeviceTable, mode: str, weights, dtype: np.dtype, in_order: bool):
+    def _run(self, stream: _Stream, device: _DeviceTable, mode: str, weights, dtype: np.dtype, in_order: bool,
+             blocked: bool = False):
         """Dispatch the stream's table updates, blocks and gathers; yield gathered (rows, lengths, indices), the
-        sentences in input order, or (``in_order`` False) each batch's in input order among them as they finish."""
+        sentences in input order, or (``in_order`` False) each batch's in input order among them as they finish;
+        ``blocked``: rows as ``EmbeddingWriter.write_rows`` takes them blocked (each sentence's (layers, n))."""
         lead = (self.options.n_representation_layers,) if mode == "all" else ()
-        width = self.options.output_dim
+        layers, width = (lead or (1,))[0], self.options.output_dim
         by_lane, everywhere = by_batch(self.mesh), replicated(self.mesh)
         plan = GatherPlan(round_up(RING_STEPS, self.block_steps), in_order)
         in_flight: collections.deque = collections.deque()
@@ -588,10 +593,12 @@ class Embedder:
             elif self.stand_in_device:
                 in_flight.append(([np.zeros((max(rows, int(taken.length.sum())), *lead, width), dtype)], taken))
             else:
-                forward_at, backward_at = plan.positions(taken, rows)
-                parts = [self._gather(ring, *jax.device_put((forward_at[k : k + rows], backward_at[k : k + rows]),
+                forward_at, backward_at = (vector_places(at, taken.length, layers, blocked)
+                                           for at in plan.positions(taken, rows))
+                chunk = rows * layers
+                parts = [self._gather(ring, *jax.device_put((forward_at[k : k + chunk], backward_at[k : k + chunk]),
                                                             everywhere))
-                         for k in range(0, len(forward_at), rows)]  # one part unless a sentence is longer than rows
+                         for k in range(0, len(forward_at), chunk)]  # one part unless a sentence is longer than rows
                 in_flight.append((parts, taken))
             return True
 
@@ -599,7 +606,8 @@ class Embedder:
             parts, taken = in_flight.popleft()
             n = int(taken.length.sum())
             out = np.asarray(parts[0]) if len(parts) == 1 else np.concatenate([np.asarray(p) for p in parts])
-            return out[:n] if parts else np.zeros((0, *lead, width), dtype), taken.length, taken.index
+            out = out.reshape(-1, *lead, width)[:n] if parts else np.zeros((0, *lead, width), dtype)
+            return out, taken.length, taken.index
 
         def fill(rows: np.ndarray, new: list[str]) -> None:
             """Write new tokens into the table at ``rows``, and the pinned rows first if they are not."""
@@ -725,11 +733,13 @@ class Embedder:
             with h5py.File(tmp, "w") as f, _BackgroundWriter(EmbeddingWriter(f, layout=layout,
                                                                               output_dtype=output_dtype,
                                                                               attrs=attrs)) as writer:
-                # the AllenNLP layout names each sentence's dataset: written as each finishes (GatherPlan)
+                # the AllenNLP layout names each sentence's dataset: written as each finishes (GatherPlan), each
+                # gathered as its dataset holds it
+                allennlp = layout == "allennlp"
                 for rows, lengths, indices in self._embed_rows(tokenized(), mode, batch_size, allow_empty=True,
                                                                output_dtype=output_dtype, validate=False,
-                                                               in_order=layout != "allennlp"):
-                    writer.write_rows(rows, lengths, indices)
+                                                               in_order=not allennlp, blocked=allennlp):
+                    writer.write_rows(rows, lengths, indices, blocked=allennlp)
                     stats["sentences"] += len(lengths)
                     stats["tokens"] += len(rows)
                     bar.update(len(lengths))
@@ -913,10 +923,11 @@ class _BackgroundWriter:
                 except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
                     self.error = error
 
-    def write_rows(self, rows: np.ndarray, lengths: np.ndarray, indices: np.ndarray | None = None) -> None:
+    def write_rows(self, rows: np.ndarray, lengths: np.ndarray, indices: np.ndarray | None = None,
+                   blocked: bool = False) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((rows, lengths, indices))
+        self.queue.put((rows, lengths, indices, blocked))
 
     def finish(self, sentence_to_index: dict) -> dict:
         self.queue.put(None)

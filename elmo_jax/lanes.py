@@ -479,3 +479,29 @@ class GatherPlan:
         source[kept % steps] = kept % self.steps
         self.steps = steps
         return source
+
+
+def vector_places(positions: np.ndarray, lengths: np.ndarray, layers: int, blocked: bool = False) -> np.ndarray:
+    """Where each output vector lies in the ring, layers apart (``embed.gather_tokens``).
+
+    Args:
+      positions: (tokens,) ring positions of consecutive sentences' tokens (``GatherPlan.positions``), padding
+        after the sum(lengths) real ones; lengths: (sentences,) their token counts; layers: vectors a position.
+      blocked: the sentences' (layers, n) blocks one after another, each in C order (AllenNLP's layout stores a
+        sentence as (layers, n, dim)); else token by token, each token's layers in turn.
+    Returns:
+      (tokens * layers,) int32 places position * layers + layer, in output order; the padding's last.
+    """
+    positions = np.asarray(positions, np.int64)
+    if not blocked or layers == 1:
+        return (positions[:, None] * layers + np.arange(layers)).astype(np.int32).ravel()
+    lengths = np.asarray(lengths, np.int64)
+    total = int(lengths.sum())
+    sizes = layers * lengths  # each sentence's vectors
+    within_sentence = within(sizes)  # layer * n + j
+    n = np.repeat(lengths, sizes)
+    token = np.repeat(np.cumsum(lengths) - lengths, sizes) + within_sentence % n
+    places = np.empty(len(positions) * layers, np.int32)
+    places[: total * layers] = positions[token] * layers + within_sentence // n
+    places[total * layers :] = (positions[total:, None] * layers + np.arange(layers)).ravel()
+    return places

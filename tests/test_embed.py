@@ -502,6 +502,37 @@ def test_gather_plan_in_any_order_reads_each_sentence_once_finished():
     assert plan.positions(taken, rows=3)[0].tolist() == [8 + 6, 8 + 7, 8 + 0]
 
 
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("layers", [3, None])
+def test_gather_reads_token_by_token_or_each_sentence_blocked(blocked, layers):
+    """gather_tokens at vector_places' places against the ring read by hand: sentence k's token j, layer l takes the
+    forward half of its slot's step j and the backward half of step n - 1 - j; blocked, sentence k's rows hold
+    its (layers, n, dim) in C order; the padding comes last."""
+    from elmo_jax.embed import gather_tokens
+    from elmo_jax.lanes import vector_places
+
+    lanes, steps, width = 3, 8, 4
+    lead = () if layers is None else (layers,)
+    ring = np.random.default_rng(0).standard_normal((lanes, steps, *lead, width)).astype(np.float32)
+    slots = Slots(np.array([4, 5, 6]), np.array([2, 0, 1]), np.array([6, 0, 3]), np.array([3, 0, 2]))
+    plan = GatherPlan(steps=steps)
+    forward, backward = plan.positions(slots, rows=8)  # 5 tokens, 3 of padding
+    n_layers = layers or 1
+    got = np.asarray(gather_tokens(ring, *(vector_places(at, slots.length, n_layers, blocked)
+                                           for at in (forward, backward))))
+    assert got.shape == (8 * n_layers, width)
+    flat = ring.reshape(lanes * steps, n_layers, width)
+    sentences = []
+    for lane, start, n in zip(slots.lane, slots.start, slots.length):
+        at = lane * steps + (start + np.arange(n)) % steps
+        value = np.concatenate([flat[at, :, : width // 2], flat[at[::-1], :, width // 2 :]], axis=-1)  # (n, l, w)
+        sentences.append(np.moveaxis(value, 0, 1) if blocked else value)
+    want = np.concatenate([v.reshape(-1, width) for v in sentences])
+    np.testing.assert_array_equal(got[: len(want)], want)
+    np.testing.assert_array_equal(got[len(want) :], np.tile(np.concatenate([flat[0, :, :2], flat[0, :, 2:]], -1),
+                                                            (3, 1)))
+
+
 def test_short_tokens_skip_padding_windows_exactly(tiny_model):
     from elmo_jax.bilm import token_embedding
     from elmo_jax.char_cnn import long_tokens
@@ -640,10 +671,10 @@ def test_a_file_is_written_as_sentences_finish_and_reads_in_input_order(tiny_mod
     written = []
     write_rows = embed_output.EmbeddingWriter.write_rows
 
-    def spy(self, rows, lengths, indices=None):
+    def spy(self, rows, lengths, indices=None, blocked=False):
         written.append(list(range(self.n_sentences, self.n_sentences + len(lengths))) if indices is None
                        else np.asarray(indices).tolist())
-        return write_rows(self, rows, lengths, indices)
+        return write_rows(self, rows, lengths, indices, blocked)
 
     monkeypatch.setattr(embed_output.EmbeddingWriter, "write_rows", spy)
     embedder = Embedder(model=tiny_model, batch_size=4, block_steps=4)

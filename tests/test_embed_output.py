@@ -93,6 +93,51 @@ def test_round_trip(tmp_path, layout, output_dtype, layers):
             np.testing.assert_array_equal(np.moveaxis(rows, 0, -2), arrays[7].astype(output_dtype))
 
 
+@pytest.mark.parametrize("output_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("layers", [3, None])
+def test_allennlp_raw_writes_match_hdf5s_own(tmp_path, monkeypatch, output_dtype, layers):
+    """The POSIX driver's datasets written by os.pwritev into space HDF5 allocated (in runs of at most 2 buffers
+    here, the sentences out of order, some empty, blocked or not) read exactly as HDF5's own writes (the core
+    driver, written to disk when closed); the sentence index too."""
+    monkeypatch.setattr(embed_output, "MAX_BUFFERS", 2)
+    arrays, texts = make_sentences(30, layers, seed=3)
+    order = np.random.default_rng(4).permutation(len(arrays))
+    files = {}
+    for name, kwargs, blocked in (("hdf5", {"driver": "core", "backing_store": True}, False),
+                                  ("raw", {"meta_block_size": 1 << 16}, False),
+                                  ("raw_blocked", {}, True)):
+        files[name] = tmp_path / f"{name}.hdf5"
+        with h5py.File(files[name], "w", **kwargs) as f:
+            writer = EmbeddingWriter(f, output_dtype=output_dtype, attrs=ATTRS)
+            assert (writer._fd is None) == (name == "hdf5")
+            for piece in np.array_split(order, 4):
+                rows = [np.moveaxis(arrays[i], -2, 0) for i in piece]  # (n, [layers,] dim)
+                if blocked and layers:  # each sentence's (layers, n, dim) values in its rows
+                    rows = [arrays[i].reshape(r.shape) for i, r in zip(piece, rows)]
+                writer.write_rows(np.concatenate(rows), [len(r) for r in rows], piece, blocked=blocked)
+            writer.finish(index_of(texts))
+    for name in files:
+        assert_reads(files[name], arrays, texts, output_dtype)
+    with h5py.File(files["raw"]) as f:
+        assert f["0"].id.get_create_plist().get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY
+
+
+def test_raw_run_continues_short_writes(tmp_path, monkeypatch):
+    """A write that takes part of a run (os.pwritev may) is continued from where it stopped."""
+    pwritev = os.pwritev
+    monkeypatch.setattr(os, "pwritev", lambda fd, buffers, offset: pwritev(fd, [buffers[0][:3]], offset))
+    with open(tmp_path / "raw", "wb") as handle:
+        run = embed_output._Run(handle.fileno())
+        for k, offset in enumerate((4, 12, 20, 40)):
+            run.add(offset, np.full(2, k, np.float32))
+        run.write()
+    data = np.fromfile(tmp_path / "raw", np.uint8)
+    want = np.zeros(48, np.uint8)
+    for k, offset in enumerate((4, 12, 20, 40)):
+        want[offset : offset + 8] = np.full(2, k, np.float32).view(np.uint8)
+    np.testing.assert_array_equal(data, want)
+
+
 def test_packed_buffering_across_many_flushes(tmp_path, monkeypatch):
     """Tiny chunks: sentences straddle buffer flushes and one sentence spans several buffers."""
     monkeypatch.setattr(embed_output, "CHUNK_BYTES", 3 * 8 * 4 * 5)  # 5 rows of (3, 8) float32
