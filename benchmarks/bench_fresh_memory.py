@@ -4,9 +4,11 @@
 
 Each measurement is a fresh process that fills MB of new numpy memory once (page faults and zeroing included), started
 WAIT seconds after the previous one ended and freed the same amount. On a plain Linux host the figure hardly depends on
-the wait; in this project's sandbox a page that the host has taken back costs ~15x more than one freed just before,
-which is why a whole-process run started minutes after the peers' (``bench_embed.py --whole-process``) pays more for its
-~1.3 GB than the same command run in a loop. Prints one JSON line: ms a MB for each wait.
+the wait; in this project's sandbox (a Firecracker microVM that reports free memory to its host) a page that the host
+has taken back costs ~15x more than one freed just before, which is why a whole-process run started minutes after the
+peers' (``bench_embed.py --whole-process``) pays more for its ~1.3 GB than the same command run in a loop. numpy puts
+an array this large on transparent huge pages, so this measures those: on small pages the same 1 GB took 0.54-0.71 ms
+a MB whatever the wait (README, Performance). Prints one JSON line: ms a MB for each wait.
 """
 
 from __future__ import annotations
