@@ -8,7 +8,7 @@ the wait; in this project's sandbox (a Firecracker microVM that reports free mem
 has taken back costs ~15x more than one freed just before, which is why a whole-process run started minutes after the
 peers' (``bench_embed.py --whole-process``) pays more for its ~1.3 GB than the same command run in a loop. numpy puts
 an array this large on transparent huge pages, so this measures those: on small pages the same 1 GB took 0.54-0.71 ms
-a MB whatever the wait (README, Performance). Prints one JSON line: ms a MB for each wait.
+a MB whatever the wait (docs/performance.md, session 26). Prints one JSON line: ms a MB for each wait.
 """
 
 from __future__ import annotations
