@@ -43,13 +43,11 @@ def embed_distributed(args, program_cache: str | None = None) -> None:
     from .characters import Vocabulary
     from .embed import Embedder, count_lines
     from .embed_output import merge_parts
-    from .weights import write_atomic
+    from .weights import check_output_path, write_atomic
 
     if args.input == "-":
         raise DistributedEmbedError("--distributed reads INPUT from a file that every process can read, not stdin")
-    directory = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(directory):
-        raise OSError(f"{args.output}: directory {directory} does not exist")
+    check_output_path(args.output)
     total = count_lines(args.input)
     peer_timeout = _seconds("ELMO_JAX_EMBED_PEER_TIMEOUT", 30, most=60)  # detection + exit stay within JAX's 100 s
     _connect(_seconds("ELMO_JAX_EMBED_CONNECT_TIMEOUT", 120, most=290))  # JAX aborts after 300 s

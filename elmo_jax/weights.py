@@ -174,6 +174,18 @@ def check_params(params: dict, options: BiLMOptions) -> None:
             raise WeightsError(f"params {name} has shape {tuple(np.shape(value))}, expected {spec.shape}")
 
 
+def check_output_path(path: str | os.PathLike) -> str:
+    """The directory of ``path``, a file about to be written; raises OSError naming ``path`` if that directory does
+    not exist or ``path`` is a directory. Called before any work, so a long run does not fail at its rename."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise OSError(f"{path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise OSError(f"{path}: is a directory, expected the name of a file to write")
+    return directory
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) on a temporary file beside ``path``, then rename it to ``path``.
 
@@ -181,9 +193,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     already at ``path`` is removed just before the rename.
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise OSError(f"{path}: directory {directory} does not exist")
+    directory = check_output_path(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
     os.close(fd)
     # write() creates the file anew: opening this empty file with O_TRUNC (h5py's "w", open(..., "w")) would make
@@ -194,7 +204,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         os.chmod(tmp, 0o644)
         # renamed over an existing file, the new one has ext4 (auto_da_alloc) allocate and start writing back all
         # its blocks before the rename returns: 0.27 s for the 551 MB of 10,000 lines, 0.02 s with no file there
-        if os.path.lexists(path) and not os.path.isdir(path):
+        if os.path.lexists(path):
             os.unlink(path)
         os.replace(tmp, path)
     except BaseException:

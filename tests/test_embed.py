@@ -247,6 +247,17 @@ def test_the_installed_command_ends_a_finished_embed_at_once(tmp_path, cli_args)
     assert run.returncode == 2 and "missing.txt" in run.stderr and not (tmp_path / "m.hdf5").exists()
 
 
+def test_cli_output_that_is_a_directory_is_refused(tmp_path, cli_args, capsys):
+    """OUT naming a directory is a one-line error, exit 2, raised before the input is embedded (it used to fail
+    only at the final rename, after all the work), and nothing is left in that directory."""
+    (tmp_path / "in.txt").write_text("a b\n")
+    (tmp_path / "out").mkdir()
+    assert main(["embed", str(tmp_path / "in.txt"), str(tmp_path / "out"), *cli_args]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'out'}: is a directory" in err and len(err.strip().splitlines()) == 1
+    assert list((tmp_path / "out").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out"]
+
+
 def test_cli_bad_input_leaves_no_output(tmp_path, cli_args, capsys):
     (tmp_path / "empty_line.txt").write_text("a b\n\nc\n")
     assert main(["embed", str(tmp_path / "empty_line.txt"), str(tmp_path / "o.hdf5"), *cli_args]) == 2

@@ -151,3 +151,17 @@ def test_atomic_writes_create_their_temporary_file(tmp_path):
     write_atomic(tmp_path / "out.txt", write)
     assert seen[0][1] is False and os.path.dirname(seen[0][0]) == str(tmp_path)
     assert (tmp_path / "out.txt").read_text() == "done" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_atomic_writes_refuse_a_directory_before_writing(tmp_path):
+    """write_atomic checks its target before calling the writer: a directory, or a file in a directory that does
+    not exist, is an OSError naming the path, and the writer (a long embed) never runs."""
+    from elmo_jax.weights import write_atomic
+
+    calls = []
+    (tmp_path / "d").mkdir()
+    with pytest.raises(OSError, match="d: is a directory"):
+        write_atomic(tmp_path / "d", calls.append)
+    with pytest.raises(OSError, match="directory .*missing does not exist"):
+        write_atomic(tmp_path / "missing" / "out.txt", calls.append)
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
