@@ -696,11 +696,12 @@ class Embedder:
         """
         from .embed_output import EmbeddingWriter, check_output_options
         from .tokenize import get_tokenizer
-        from .weights import write_atomic
+        from .weights import check_output_path, write_atomic
 
         if empty_lines not in ("error", "skip"):
             raise ValueError(f"empty_lines must be 'error' or 'skip', found {empty_lines!r}")
         check_output_options(layout, output_dtype)
+        check_output_path(output_file, inputs=(input_file,))
         tokenize = get_tokenizer(tokenizer)
         mode_name = mode if isinstance(mode, str) else "weighted " + ",".join(f"{w:g}" for w in mode)
         self._mode(mode)

@@ -22,10 +22,11 @@ def add_embed_parser(subparsers) -> None:
         "Without --model, --options or --weights the built-in English model is used. OUTPUT is written under a "
         "temporary name and renamed when complete; a progress bar goes to stderr (--quiet: none). Bad input (missing "
         "or corrupt files, a line that is not UTF-8, an empty line unless --empty-lines skip, an unknown --layout, "
-        "--output-dtype or --tokenizer) is a one-line error with exit status 2.",
+        "--output-dtype or --tokenizer, an OUTPUT that is a directory or one of the input files) is a one-line error "
+        "with exit status 2, before any work where it can be seen then.",
     )
     parser.add_argument("input", help="input text file (one sentence per line), or - for stdin")
-    parser.add_argument("output", help="output HDF5 file (replaced if it exists)")
+    parser.add_argument("output", help="output HDF5 file (replaced if it exists, unless it is an input)")
     parser.add_argument("--model", help="any published model: a directory with options.json and a .hdf5 (bilm-tf, "
                                         "AllenNLP), an NLPL .zip or its directory, an ELMoForManyLangs model "
                                         "directory, or an `elmo-jax convert` checkpoint")
@@ -167,12 +168,14 @@ def run_embed(args) -> None:
     from .embed import Embedder
     from .embed_output import check_output_options
     from .tokenize import get_tokenizer
+    from .weights import check_output_path
 
     if (args.options is None) != (args.weights is None):
         raise ValueError("--options and --weights go together (leave both out for the built-in English model)")
     if args.model is not None and args.options is not None:
         raise ValueError("give the model as --model PATH or as --options and --weights, not both")
     check_output_options(args.layout, args.output_dtype)
+    check_output_path(args.output, inputs=(args.input, args.vocab, args.options, args.weights))
     get_tokenizer(args.tokenizer)  # an unknown name or a missing sacremoses fails before any work
     reuse_freed_memory()
     program_cache = enable_compilation_cache()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -174,15 +174,22 @@ def check_params(params: dict, options: BiLMOptions) -> None:
             raise WeightsError(f"params {name} has shape {tuple(np.shape(value))}, expected {spec.shape}")
 
 
-def check_output_path(path: str | os.PathLike) -> str:
+def check_output_path(path: str | os.PathLike, inputs: Sequence = ()) -> str:
     """The directory of ``path``, a file about to be written; raises OSError naming ``path`` if that directory does
-    not exist or ``path`` is a directory. Called before any work, so a long run does not fail at its rename."""
+    not exist, ``path`` is a directory, or it is one of the files ``inputs`` (paths; None, "-" and open files are
+    passed over), which the rename would replace. Called before any work, so a long run does not fail at its
+    rename, nor lose its input."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise OSError(f"{path}: directory {directory} does not exist")
     if os.path.isdir(path):
         raise OSError(f"{path}: is a directory, expected the name of a file to write")
+    for source in inputs:
+        if isinstance(source, (str, os.PathLike)) and source != "-" and os.path.exists(path) \
+                and os.path.exists(source) and os.path.samefile(path, source):
+            raise OSError(f"{path}: is also the input {os.fspath(source)}, which writing it would replace; "
+                          f"give the output another name")
     return directory
 
 

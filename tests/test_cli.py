@@ -67,7 +67,8 @@ def test_the_embed_command_sets_its_allocator_policy_first(monkeypatch):
     monkeypatch.setattr(embed_cli, "reuse_freed_memory", lambda: called.append(True))
     monkeypatch.setattr(embed_cli, "enable_compilation_cache", lambda: (_ for _ in ()).throw(RuntimeError("stop")))
     args = type("Args", (), {"options": None, "weights": None, "model": None, "layout": "allennlp",
-                             "output_dtype": "float32", "tokenizer": "whitespace"})()
+                             "output_dtype": "float32", "tokenizer": "whitespace", "input": "-", "vocab": None,
+                             "output": "out.hdf5"})()
     with pytest.raises(RuntimeError, match="stop"):
         embed_cli.run_embed(args)
     assert called == [True]

@@ -258,6 +258,24 @@ def test_cli_output_that_is_a_directory_is_refused(tmp_path, cli_args, capsys):
     assert list((tmp_path / "out").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out"]
 
 
+def test_an_output_named_as_an_input_is_refused(tmp_path, cli_args, capsys, tiny_model):
+    """OUT naming the input file (or the vocabulary, options or weights) is a one-line error, exit 2, before any
+    work: the rename would replace the user's input with the vectors. The Python API refuses it too."""
+    (tmp_path / "in.txt").write_text("a b\n")
+    (tmp_path / "vocab.txt").write_text("a\n")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "in.txt")
+    for output, extra in [("in.txt", []), ("link.txt", []), ("vocab.txt", ["--vocab", str(tmp_path / "vocab.txt")])]:
+        assert main(["embed", str(tmp_path / "in.txt"), str(tmp_path / output), *cli_args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / output}: is also the input" in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "in.txt").read_text() == "a b\n" and (tmp_path / "vocab.txt").read_text() == "a\n"
+    with pytest.raises(OSError, match="is also the input"):
+        Embedder(model=tiny_model, batch_size=4).embed_file(str(tmp_path / "in.txt"), tmp_path / "in.txt",
+                                                            progress=False)
+    assert (tmp_path / "in.txt").read_text() == "a b\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "link.txt", "vocab.txt"]
+
+
 def test_cli_bad_input_leaves_no_output(tmp_path, cli_args, capsys):
     (tmp_path / "empty_line.txt").write_text("a b\n\nc\n")
     assert main(["embed", str(tmp_path / "empty_line.txt"), str(tmp_path / "o.hdf5"), *cli_args]) == 2
