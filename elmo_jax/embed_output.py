@@ -325,7 +325,8 @@ class Embeddings(collections.abc.Sequence):
 
 def _open_file(path: str) -> h5py.File:
     if not os.path.isfile(path):
-        raise EmbeddingsFileError(f"{path}: no such file; expected an HDF5 embeddings file")
+        what = "is a directory" if os.path.isdir(path) else "no such file"
+        raise EmbeddingsFileError(f"{path}: {what}; expected an HDF5 embeddings file")
     if not h5py.is_hdf5(path):
         raise EmbeddingsFileError(f"{path}: not an HDF5 file; expected an HDF5 embeddings file")
     try:

@@ -324,6 +324,9 @@ def test_file_errors(tmp_path):
     expected = "expected an HDF5 embeddings file"
     with pytest.raises(EmbeddingsFileError, match=f"absent.hdf5: no such file; {expected}"):
         open_embeddings(tmp_path / "absent.hdf5")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(EmbeddingsFileError, match=f"folder: is a directory; {expected}"):
+        open_embeddings(tmp_path / "folder")
     (tmp_path / "text.hdf5").write_text("not HDF5\n")
     with pytest.raises(EmbeddingsFileError, match=f"text.hdf5: not an HDF5 file; {expected}"):
         open_embeddings(tmp_path / "text.hdf5")
