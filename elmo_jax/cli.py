@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from .characters import TokenError
@@ -11,6 +12,16 @@ from .options import OptionsError
 from .weights import WeightsError
 
 USER_ERRORS = (OptionsError, WeightsError, TokenError, OSError, ValueError)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's stop, ``timeout``, ``kill``), raised in the main thread by the installed command,
+    so that it ends as ^C does: temporary files removed, no output that looks complete, the other processes of a
+    ``--distributed`` run told."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def add_convert_parser(subparsers) -> None:
@@ -68,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate and export biLMs.",
         epilog="Run 'elmo-jax COMMAND --help' for a command's options. Bad input (missing or corrupt files, "
         "options that do not match the weights, unwritable output) is a one-line error on stderr with exit "
-        "status 2.",
+        "status 2; ^C or SIGTERM ends a command with status 130 or 143, leaving no partial output.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     try:
@@ -93,12 +104,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args) -> int:
-    """Run parsed ``elmo-jax`` arguments; returns the exit status (0, 2 bad input, 130 ^C)."""
+    """Run parsed ``elmo-jax`` arguments; returns the exit status (0, 2 bad input, 130 ^C, 143 SIGTERM)."""
     try:
         args.func(args)
     except USER_ERRORS as error:
         print(f"elmo-jax {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"elmo-jax {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"elmo-jax {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -109,7 +123,8 @@ def console() -> None:
     """The installed ``elmo-jax`` command: ``main``, and after a one-process embed that succeeded, an exit that
     skips tearing the interpreter and JAX's runtime down (freeing the device ring, tables and compiled programs
     one by one: 0.15-0.2 s of a 6.4 s run of 10,000 lines). Its output file is complete by then: written, closed
-    and renamed."""
+    and renamed. SIGTERM ends it as ^C does (``Terminated``), not at once with its temporary files left behind."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
     args = build_parser().parse_args()
     code = run_command(args)
     if code == 0 and args.command == "embed" and not args.distributed:

@@ -167,10 +167,12 @@ class _Peers:
 
     def fail(self, error: BaseException) -> None:
         """This process's work failed: report it, leave with the others; never returns."""
-        from .cli import USER_ERRORS
+        from .cli import USER_ERRORS, Terminated
 
         if isinstance(error, USER_ERRORS):
             self.own_error = str(error)
+        elif isinstance(error, Terminated):
+            self.own_error = "terminated (SIGTERM)"
         elif isinstance(error, KeyboardInterrupt):
             self.own_error = "interrupted"
         else:  # a bug: keep the traceback

@@ -247,6 +247,32 @@ def test_the_installed_command_ends_a_finished_embed_at_once(tmp_path, cli_args)
     assert run.returncode == 2 and "missing.txt" in run.stderr and not (tmp_path / "m.hdf5").exists()
 
 
+def test_the_installed_command_ends_on_sigterm_as_on_interrupt(tmp_path, cli_args):
+    """SIGTERM (a scheduler's stop) to the installed command midway (reading stdin, its temporary file open):
+    a one-line message, exit 143, and neither the temporary file nor OUT left; before, it died at once and left
+    the temporary file behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "elmo_jax.cli", "embed", "-", str(tmp_path / "out.hdf5"),
+                                *cli_args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    process.stdin.write("The bank raised rates .\n" * 50)
+    process.stdin.flush()  # and left open: the command waits for more lines
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".tmp-*")) and time.monotonic() < deadline:
+        assert process.poll() is None
+        time.sleep(0.02)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert err.strip() == "elmo-jax embed: terminated (SIGTERM)" and "wrote" not in out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_output_that_is_a_directory_is_refused(tmp_path, cli_args, capsys):
     """OUT naming a directory is a one-line error, exit 2, raised before the input is embedded (it used to fail
     only at the final rename, after all the work), and nothing is left in that directory."""
