@@ -7,8 +7,10 @@ to a temporary file that is renamed when complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -201,7 +203,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """
     path = os.fspath(path)
     directory = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    except OSError as error:
+        raise OSError(f"{path}: cannot create a file in {directory}: {error.strerror or error}") from None
     os.close(fd)
     # write() creates the file anew: opening this empty file with O_TRUNC (h5py's "w", open(..., "w")) would make
     # ext4 (auto_da_alloc) write back all of it when it is closed, 0.25 s for 500 MB with the caller waiting
@@ -214,10 +219,31 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.lexists(path):
             os.unlink(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        reason = _write_failure(error)
+        if reason is not None:
+            raise OSError(f"{path}: cannot write it: {reason}") from error
         raise
+
+
+# a write that failed for want of room or rights (h5py reports them only in its messages: "errno = 28")
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def _write_failure(error: BaseException | None) -> str | None:
+    """The reason (e.g. "No space left on device") if ``error``, or an error it was raised while handling (h5py's
+    close of a file whose write failed raises a RuntimeError of its own), is a failed write; else None."""
+    while error is not None:
+        code = error.errno if isinstance(error, OSError) else None
+        if code is None and isinstance(error, (OSError, RuntimeError)):
+            found = re.search(r"errno = (\d+)", str(error))
+            code = int(found.group(1)) if found else None
+        if code in _WRITE_ERRNOS:
+            return os.strerror(code)
+        error = error.__context__
+    return None
 
 
 def save_hdf5(params: dict, options: BiLMOptions, path: str | os.PathLike) -> None:

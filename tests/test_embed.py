@@ -273,6 +273,31 @@ def test_the_installed_command_ends_on_sigterm_as_on_interrupt(tmp_path, cli_arg
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_write_that_fails_for_want_of_room_is_a_one_line_error(tmp_path, cli_args):
+    """The output outgrows what the file system allows midway (here a file-size limit, as a full disk or a quota
+    would): a one-line error naming OUT and the reason, exit 2, nothing left. Before, h5py's close of the failed
+    file raised an error of its own over the first one: a traceback and exit 1. (The packed layout gives the same
+    line on a full disk, checked by hand on a 5 MB tmpfs; under a file-size limit HDF5 then crashes freeing the
+    objects of the file it could not close.)"""
+    layout = "allennlp"
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+
+    (tmp_path / "in.txt").write_text("The bank raised rates .\n" * 400)  # ~800 KB of vectors
+    run = subprocess.run([sys.executable, "-m", "elmo_jax.cli", "embed", str(tmp_path / "in.txt"),
+                          str(tmp_path / "out.hdf5"), "--layout", layout, *cli_args], preexec_fn=limit_file_size,
+                         capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == f"elmo-jax embed: error: {tmp_path / 'out.hdf5'}: cannot write it: File too large"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
 def test_cli_output_that_is_a_directory_is_refused(tmp_path, cli_args, capsys):
     """OUT naming a directory is a one-line error, exit 2, raised before the input is embedded (it used to fail
     only at the final rename, after all the work), and nothing is left in that directory."""

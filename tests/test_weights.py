@@ -165,3 +165,30 @@ def test_atomic_writes_refuse_a_directory_before_writing(tmp_path):
     with pytest.raises(OSError, match="directory .*missing does not exist"):
         write_atomic(tmp_path / "missing" / "out.txt", calls.append)
     assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_atomic_writes_name_the_target_of_a_write_that_failed_for_want_of_room(tmp_path):
+    """A full disk in the writer is an OSError naming the target and the reason, even where closing the failed
+    file raised another error over it (h5py's RuntimeError, its errno only in the message), and nothing is left;
+    other errors pass unchanged."""
+    import errno
+
+    from elmo_jax.weights import write_atomic
+
+    def full(tmp):
+        open(tmp, "w").close()
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        finally:
+            raise RuntimeError("Disable slist on flush dest failure failed (file write failed: ..., errno = 28, ...)")
+
+    def h5py_alone(tmp):
+        raise RuntimeError("Can't write data (file write failed: time = ..., errno = 122, error message = ...)")
+
+    for writer, reason in ((full, os.strerror(errno.ENOSPC)), (h5py_alone, os.strerror(errno.EDQUOT))):
+        with pytest.raises(OSError) as info:
+            write_atomic(tmp_path / "out.hdf5", writer)
+        assert str(info.value) == f"{tmp_path / 'out.hdf5'}: cannot write it: {reason}"
+    with pytest.raises(RuntimeError, match="a bug"):
+        write_atomic(tmp_path / "out.hdf5", lambda tmp: (_ for _ in ()).throw(RuntimeError("a bug, errno = 2")))
+    assert list(tmp_path.iterdir()) == []
