@@ -105,7 +105,7 @@ SPLIT_MIN_LANES = 16
 # the rows the sentence start state is computed in (embed_block): one for a batch-major block, whose matmul kernels then
 # give each row's numbers bit for bit as in a block of 256 lanes on the CPU here; 8 feature-major (bit for bit too)
 START_ROWS = {False: 1, True: 8}
-RING_STEPS = 256  # steps of each lane's outputs kept on the device (doubled when a long sentence needs it)
+RING_STEPS = 256  # steps of each lane's outputs kept on the device (a longer sentence is read in pieces: spill)
 IN_FLIGHT = 2  # gathers dispatched ahead of the one being copied back
 # gathered batches waiting for the writer thread (each 24 MB with the built-in model, all layers): the writer keeps up
 # on average (~0.5 GB/s against ~0.1 GB/s made), so a short queue only bounds memory; with 8, peak RSS at 10,000 lines
@@ -354,7 +354,6 @@ class Embedder:
         self._insert = program(self._traced_insert, name="insert", donate_argnums=(1,))
         self._block = program(self._traced_block, name="block", static_argnames=("mode",), donate_argnums=(2, 3))
         self._gather = program(self._traced_gather, name="gather")
-        self._relayout = program(self._traced_relayout, name="relayout")  # a larger ring: nothing to donate into
         self._capacity, self._min_rows = capacity, min_rows  # the table's largest and smallest sizes
         self._table = None  # made by the first stream, sized to its input where that is known (_Stream._pack)
         self._table_lock = threading.Lock()  # one stream at a time uses (and extends) the shared table
@@ -422,9 +421,6 @@ class Embedder:
 
     def _traced_gather(self, ring, forward_at, backward_at):
         return gather_tokens(ring, forward_at, backward_at)
-
-    def _traced_relayout(self, ring, source):
-        return jnp.take(ring, source, axis=1)
 
     # ----- device side: the token table and the blocks -----
     def _new_table(self, capacity: int) -> dict:
@@ -583,12 +579,47 @@ class Embedder:
         ring = state = rows = lanes = drain = None
         done = 0  # steps written into the ring
 
+        # steps read early (GatherPlan.spill), by sentence: [(parts, first, count)], steps [first, first + count)
+        # of those that read_steps' parts hold one after another
+        spills: dict[int, list] = {}
+
+        def read_steps(slots: Slots) -> list | None:
+            """Dispatch the reading of whole ring steps (both halves) of ``slots``' step ranges, one after another."""
+            if self.stand_in_device:
+                return None
+            places = vector_places(plan.steps_of(slots, rows), slots.length, layers)
+            chunk = rows * layers
+            return [self._gather(ring, *jax.device_put((places[k : k + chunk],) * 2, everywhere))
+                    for k in range(0, len(places), chunk)]
+
+        def spill(before: int) -> bool:
+            """Read early the ring steps before ``before`` still to be read (``GatherPlan.spill``)."""
+            slots = plan.spill(done, before)
+            if not len(slots.index):
+                return False
+            if not self.stand_in_device:  # the last spill's reads, done by now, kept compact on the host: each
+                # read is of a whole gather's rows, mostly padding for one long sentence's ~RING_STEPS steps
+                for pieces in spills.values():
+                    if pieces[-1][0] is not None and not isinstance(pieces[-1][0], np.ndarray):
+                        pieces[-1] = (np.concatenate(steps_read(*pieces[-1])), 0, pieces[-1][2])
+            parts = read_steps(slots)
+            for index, first, count in zip(slots.index.tolist(), (np.cumsum(slots.length) - slots.length).tolist(),
+                                           slots.length.tolist()):
+                spills.setdefault(index, []).append((parts, first, count))
+            return True
+
         def gather(limit: float) -> bool:
             """Dispatch the reading of the next ready sentences (those finished by step ``limit``)."""
             taken = plan.take(limit, rows)
             if taken is None:
                 return False
-            if not taken.length.any():  # only empty sentences
+            early = spills.pop(int(taken.index[0]), None) if len(taken.index) == 1 else None
+            if early is not None:  # read (in part) early: the rest of its steps; put together on the host (collect)
+                rest = int(taken.length[0]) - sum(count for *_, count in early)
+                if rest:
+                    early.append((read_steps(Slots(taken.index, taken.lane, taken.start, np.array([rest]))), 0, rest))
+                in_flight.append((early, taken, True))
+            elif not taken.length.any():  # only empty sentences
                 in_flight.append(([], taken))
             elif self.stand_in_device:
                 in_flight.append(([np.zeros((max(rows, int(taken.length.sum())), *lead, width), dtype)], taken))
@@ -602,9 +633,32 @@ class Embedder:
                 in_flight.append((parts, taken))
             return True
 
+        def steps_read(parts: list, first: int, count: int) -> list:
+            """Steps [first, first + count) of what read_steps dispatched (or their compact copy, an array):
+            (count * layers, width) in pieces."""
+            if isinstance(parts, np.ndarray):
+                return [parts[first * layers : (first + count) * layers]]
+            chunk, out = rows * layers, []
+            row, end = first * layers, (first + count) * layers
+            while row < end:
+                k, offset = divmod(row, chunk)
+                out.append(np.asarray(parts[k])[offset : offset + min(chunk - offset, end - row)])
+                row += len(out[-1])
+            return out
+
         def collect():
-            parts, taken = in_flight.popleft()
+            parts, taken, *early = in_flight.popleft()
             n = int(taken.length.sum())
+            if early:  # one sentence's ring steps, read in pieces
+                if self.stand_in_device:
+                    return np.zeros((n, *lead, width), dtype), taken.length, taken.index
+                steps = np.concatenate([piece for spilled in parts for piece in steps_read(*spilled)])
+                steps = steps.reshape(n, layers, width)
+                half = width // 2  # token j: the forward half of step j, the backward half of n - 1 - j (reversed)
+                out = np.concatenate([steps[:, :, :half], steps[::-1, :, half:]], axis=-1)
+                if blocked and lead:  # as the sentence's (layers, n) block
+                    out = np.ascontiguousarray(out.transpose(1, 0, 2))
+                return out.reshape(-1, *lead, width), taken.length, taken.index
             out = np.asarray(parts[0]) if len(parts) == 1 else np.concatenate([np.asarray(p) for p in parts])
             out = out.reshape(-1, *lead, width)[:n] if parts else np.zeros((0, *lead, width), dtype)
             return out, taken.length, taken.index
@@ -625,9 +679,7 @@ class Embedder:
                 end = item.first_step + self.block_steps
                 while plan.oldest_start() < end - plan.steps:  # the block would overwrite steps not read yet
                     if not gather(done):
-                        source = plan.relayout(done, 2 * plan.steps)  # a long sentence: a longer ring
-                        if not self.stand_in_device:
-                            ring = self._relayout(ring, jax.device_put(source, everywhere))
+                        spill(end - plan.steps)
                 if not self.stand_in_device:
                     arrays = jax.device_put((item.forward, item.backward, item.reset, item.mask), by_lane)
                     active = None if item.active is None else jax.device_put(item.active, by_lane)

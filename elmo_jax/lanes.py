@@ -407,25 +407,60 @@ class GatherPlan:
     block, and the writer wrote it alone at the end while the devices idled.
     """
 
+    FIELDS = ("index", "lane", "start", "length", "kept")
+
     def __init__(self, steps: int, in_order: bool = True):
         self.steps, self.in_order = steps, in_order
         self.index = np.zeros(0, np.int64)  # the sentences not read yet, in input order
         self.lane = np.zeros(0, np.int64)
         self.start = np.zeros(0, np.int64)
         self.length = np.zeros(0, np.int64)
+        self.kept = np.zeros(0, np.int64)  # each one's first step still only in the ring (``spill``)
 
     def add(self, slots: Slots) -> None:
         """The next sentences in input order (empty ones have length 0 and are ready at once)."""
-        for name in ("index", "lane", "start", "length"):
-            setattr(self, name, np.concatenate([getattr(self, name), getattr(slots, name).astype(np.int64)]))
+        for name in self.FIELDS:
+            value = getattr(slots, "start" if name == "kept" else name)
+            setattr(self, name, np.concatenate([getattr(self, name), value.astype(np.int64)]))
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def _unread(self) -> np.ndarray:
+        """(pending,) bool: which sentences have steps still only in the ring."""
+        return (self.length > 0) & (self.kept < self.start + slot_steps(self.length))
+
     def oldest_start(self) -> float:
-        """The first step still to be read (inf when nothing is waiting)."""
-        real = self.length > 0
-        return float(self.start[real].min()) if real.any() else float("inf")
+        """The first step still to be read from the ring (inf when nothing is waiting)."""
+        unread = self._unread()
+        return float(self.kept[unread].min()) if unread.any() else float("inf")
+
+    def spilled(self) -> np.ndarray:
+        """(pending,) bool: which sentences not taken yet have had steps read early (``spill``)."""
+        return self.kept != self.start
+
+    def spill(self, done: int, before: int) -> Slots:
+        """The sentences with steps before step ``before`` still only in the ring, which the next block would
+        overwrite: a long sentence still running, or finished ones waiting in input order behind it. Their steps
+        written so far, [kept, min(end, done)), are to be read now (``Slots``: index, lane, and start and length
+        of those steps); a running one's rest later.
+
+        So the ring keeps its size whatever the sentences' lengths. Grown instead (as it was), one long sentence
+        grew every lane's steps: 256 lanes x 32,768 steps x 3 KB, 25 GB, for a sentence of 20,000 tokens."""
+        chosen = np.flatnonzero(self._unread() & (self.kept < before))
+        first = self.kept[chosen]
+        end = np.minimum(self.start[chosen] + slot_steps(self.length[chosen]), done)
+        self.kept[chosen] = end
+        return Slots(self.index[chosen], self.lane[chosen], first, end - first)
+
+    def steps_of(self, slots: Slots, rows: int) -> np.ndarray:
+        """Ring positions of the steps of ``slots`` (each [start, start + length) of its lane), one after another:
+        (k,) int32, k the steps rounded up to a multiple of ``rows`` (padding reads position 0)."""
+        total = int(slots.length.sum())
+        positions = np.zeros(max(rows, -(-total // rows) * rows), np.int32)
+        positions[:total] = (np.repeat(slots.lane * self.steps, slots.length)
+                             + (np.repeat(slots.start, slots.length) + within(slots.length)) % self.steps)
+        return positions
 
     def ready(self, done: int) -> np.ndarray:
         """(k,) positions among the sentences not read yet of those that may be read now (``done`` steps written),
@@ -439,16 +474,22 @@ class GatherPlan:
         return int(self.length[self.ready(done)].sum())
 
     def take(self, done: int, rows: int) -> Slots | None:
-        """The first ready sentences with at most ``rows`` tokens in all (or one longer sentence alone)."""
+        """The first ready sentences with at most ``rows`` tokens in all (or one longer sentence alone); a
+        sentence with steps read early (``spill``) alone, its ``start`` then the first step still in the ring."""
         ready = self.ready(done)
         if len(ready) == 0:
             return None
-        within = int(np.searchsorted(np.cumsum(self.length[ready]), rows, side="right"))
-        taken = ready[: max(within, 1)]
-        slots = Slots(self.index[taken], self.lane[taken], self.start[taken], self.length[taken])
+        spilled = self.spilled()[ready]
+        if spilled[0]:
+            taken = ready[:1]
+        else:
+            ready = ready[: int(np.argmax(spilled))] if spilled.any() else ready
+            within = int(np.searchsorted(np.cumsum(self.length[ready]), rows, side="right"))
+            taken = ready[: max(within, 1)]
+        slots = Slots(self.index[taken], self.lane[taken], self.kept[taken], self.length[taken])
         left = np.ones(len(self.index), bool)
         left[taken] = False
-        for name in ("index", "lane", "start", "length"):
+        for name in self.FIELDS:
             setattr(self, name, getattr(self, name)[left])
         return slots
 
@@ -470,15 +511,6 @@ class GatherPlan:
         forward[:total] = base + (start + j) % self.steps
         backward[:total] = base + (start + np.repeat(lengths, lengths) - 1 - j) % self.steps
         return forward, backward
-
-    def relayout(self, done: int, steps: int) -> np.ndarray:
-        """Grow the ring to ``steps``: (steps,) int32, the old ring step that each new step takes (the last
-        old-ring-size steps before ``done`` keep their places modulo the new size)."""
-        source = np.zeros(steps, np.int32)
-        kept = np.arange(max(0, done - self.steps), done)
-        source[kept % steps] = kept % self.steps
-        self.steps = steps
-        return source
 
 
 def vector_places(positions: np.ndarray, lengths: np.ndarray, layers: int, blocked: bool = False) -> np.ndarray:

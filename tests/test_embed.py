@@ -7,7 +7,7 @@ import pytest
 
 from elmo_jax.characters import BOS_TOKEN, EOS_TOKEN, TokenError
 from elmo_jax.cli import main
-from elmo_jax import embed
+from elmo_jax import embed, open_embeddings
 from elmo_jax.embed import Embedder
 from elmo_jax.lanes import (GatherPlan, Slots, Timeline, TokenTable, assign_lanes, choose_lanes, drain_lanes,
                             lane_subsets, slot_rows, slot_steps, widen)
@@ -565,8 +565,58 @@ def test_gather_plan_reads_whole_sentences_in_input_order_and_unreverses_the_bac
     assert forward.tolist() == [8 + 6, 8 + 7, 8 + 0]  # steps 6, 7, 8 modulo 8 in lane 1
     assert backward.tolist() == [8 + 0, 8 + 7, 8 + 6]  # steps 8, 7, 6: the slot reversed
     assert plan.take(done=9, rows=3).index.tolist() == [7] and plan.oldest_start() == float("inf")
-    source = GatherPlan(steps=4).relayout(done=10, steps=8)  # steps 6..9 were at 2, 3, 0, 1
-    assert source[[6, 7, 0, 1]].tolist() == [2, 3, 0, 1]
+
+
+def test_gather_plan_spills_a_running_sentence_the_ring_cannot_hold():
+    """A sentence still running with steps about to be overwritten has its steps so far read early (spill); it is
+    then taken alone, from its first step still in the ring, and the ring keeps its size."""
+    plan = GatherPlan(steps=8, in_order=False)
+    plan.add(Slots(np.array([0, 1]), np.array([0, 1]), np.array([0, 0]), np.array([30, 2])))
+    assert plan.take(done=4, rows=8).index.tolist() == [1]
+    assert plan.oldest_start() == 0 and not plan.spilled().any()
+    early = plan.spill(done=8, before=4)  # steps 0..7 of sentence 0 written; those before 4 would be overwritten
+    assert (early.index.tolist(), early.start.tolist(), early.length.tolist()) == ([0], [0], [8])
+    assert plan.steps_of(early, rows=4).tolist() == list(range(8))  # lane 0's steps 0..7
+    assert plan.oldest_start() == 8 and plan.spilled().tolist() == [True]
+    assert len(plan.spill(done=12, before=4).index) == 0  # nothing before step 4 is left in the ring
+    again = plan.spill(done=16, before=9)
+    assert (again.start.tolist(), again.length.tolist()) == ([8], [8])
+    assert plan.steps_of(again, rows=3).tolist() == list(range(8)) + [0]  # steps 8..15 at 0..7; padding
+    assert plan.take(done=29, rows=64) is None  # not finished
+    taken = plan.take(done=30, rows=64)
+    assert (taken.index.tolist(), taken.start.tolist(), taken.length.tolist()) == ([0], [16], [30])
+    # in input order, a finished sentence waits behind a running one: read early too, whole, then taken alone
+    plan = GatherPlan(steps=8, in_order=True)
+    plan.add(Slots(np.array([0, 1, 2]), np.array([0, 1, 1]), np.array([0, 0, 3]), np.array([30, 3, 2])))
+    early = plan.spill(done=8, before=4)
+    assert (early.index.tolist(), early.start.tolist(), early.length.tolist()) == ([0, 1, 2], [0, 0, 3], [8, 3, 2])
+    assert plan.oldest_start() == 8 and plan.take(done=29, rows=64) is None
+    assert plan.take(done=30, rows=64).index.tolist() == [0]
+    assert [plan.take(done=30, rows=64).index.tolist() for _ in range(2)] == [[1], [2]]  # each alone
+
+
+@pytest.mark.parametrize("layout", ["allennlp", "packed"])
+def test_long_sentences_are_read_in_pieces_and_keep_the_numbers(tiny_model, monkeypatch, tmp_path, layout):
+    """Sentences far longer than the ring (8 steps here) among short ones: each is read in pieces as it runs (and,
+    in input order, the sentences finished behind it), put together on the host, with the numbers of the loop
+    reference, in a file of either layout and from embed_sentences; the ring keeps its 8 steps. (It used to double
+    for every lane until the longest sentence fitted: 25 GB at 256 lanes for a line of 20,000 tokens.)"""
+    monkeypatch.setattr(embed, "RING_STEPS", 8)
+    rng = np.random.default_rng(3)
+    sentences = [[f"w{k % 40}" for k in range(n)] for n in np.where(rng.random(60) < 0.1, 90, rng.integers(1, 6, 60))]
+    sentences[0] = [f"w{k % 40}" for k in range(70)]
+    want = [reference.bilm_sentence(tiny_model.params, tiny_model.options, s)[:, 1:-1] for s in sentences]
+    embedder = Embedder(model=tiny_model, batch_size=3, block_steps=4)
+    block, ring_steps = embedder._block, set()
+    monkeypatch.setattr(embedder, "_block", lambda *a, **k: (ring_steps.add(a[3].shape[1]), block(*a, **k))[1])
+    (tmp_path / "in.txt").write_text("".join(" ".join(s) + "\n" for s in sentences))
+    embedder.embed_file(str(tmp_path / "in.txt"), tmp_path / "out.hdf5", layout=layout, progress=False)
+    with open_embeddings(tmp_path / "out.hdf5") as got:
+        for k, expected_k in enumerate(want):
+            np.testing.assert_allclose(got[k], expected_k, atol=1e-5)
+    for got_k, expected_k in zip(embedder.embed_sentences(sentences, mode="top"), want, strict=True):
+        np.testing.assert_allclose(got_k, expected_k[-1], atol=1e-5)
+    assert ring_steps == {8}
 
 
 def test_gather_plan_in_any_order_reads_each_sentence_once_finished():

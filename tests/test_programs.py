@@ -24,7 +24,7 @@ def _embed(model, directory, mode="all", devices=None):
 
 
 def _loaded(embedder) -> int:
-    return sum(p.loaded for p in (embedder._insert, embedder._block, embedder._gather, embedder._relayout))
+    return sum(p.loaded for p in (embedder._insert, embedder._block, embedder._gather))
 
 
 def _untraceable(monkeypatch):
