@@ -224,8 +224,14 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.unlink(tmp)
         reason = _write_failure(error)
         if reason is not None:
+            # the writer's objects stay alive (in the error's frames): HDF5, which could not close a file it could
+            # not extend (a file-size limit), crashes when they are freed (SIGSEGV after the error, packed layout)
+            _FAILED_WRITES.append(error)
             raise OSError(f"{path}: cannot write it: {reason}") from error
         raise
+
+
+_FAILED_WRITES: list[BaseException] = []
 
 
 # a write that failed for want of room or rights (h5py reports them only in its messages: "errno = 28")

@@ -273,13 +273,12 @@ def test_the_installed_command_ends_on_sigterm_as_on_interrupt(tmp_path, cli_arg
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_write_that_fails_for_want_of_room_is_a_one_line_error(tmp_path, cli_args):
+@pytest.mark.parametrize("layout", ["allennlp", "packed"])
+def test_a_write_that_fails_for_want_of_room_is_a_one_line_error(tmp_path, cli_args, layout):
     """The output outgrows what the file system allows midway (here a file-size limit, as a full disk or a quota
     would): a one-line error naming OUT and the reason, exit 2, nothing left. Before, h5py's close of the failed
-    file raised an error of its own over the first one: a traceback and exit 1. (The packed layout gives the same
-    line on a full disk, checked by hand on a 5 MB tmpfs; under a file-size limit HDF5 then crashes freeing the
-    objects of the file it could not close.)"""
-    layout = "allennlp"
+    file raised an error of its own over the first one: a traceback and exit 1; and in the packed layout HDF5,
+    unable to close the file it could not extend, crashed (SIGSEGV) when its objects were freed afterwards."""
     import resource
     import signal
     import subprocess
