@@ -18,7 +18,9 @@ How a stream of sentences is embedded (packed lanes, as continuous batching in L
 3. Each block writes its outputs into a device ring of recent steps; a gather program reads finished
    sentences from it, whole and in input order (each token's backward half from its reversed slot), into one
    (tokens, [layers,] dim) array in the output dtype. Blocks and gathers are dispatched asynchronously; the
-   host copies a gathered array back while the devices run the next blocks.
+   host copies a gathered array back while the devices run the next blocks. A sentence longer than the ring
+   (or, in input order, one finished behind it) has its steps read early as the ring comes round, by the same
+   program, and put together on the host (``lanes.GatherPlan.spill``): the ring keeps its size.
 4. Lanes are split across the local devices (``jax.sharding`` mesh).
 """
 
