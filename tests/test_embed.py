@@ -279,19 +279,16 @@ def test_a_write_that_fails_for_want_of_room_is_a_one_line_error(tmp_path, cli_a
     would): a one-line error naming OUT and the reason, exit 2, nothing left. Before, h5py's close of the failed
     file raised an error of its own over the first one: a traceback and exit 1; and in the packed layout HDF5,
     unable to close the file it could not extend, crashed (SIGSEGV) when its objects were freed afterwards."""
-    import resource
-    import signal
     import subprocess
     import sys
 
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
-
+    # set in a small parent that then becomes the command (a preexec_fn would run in a fork of this threaded process)
+    limited = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10)); "
+               "os.execv(sys.executable, [sys.executable, '-m', 'elmo_jax.cli', *sys.argv[1:]])")  # EFBIG, no signal
     (tmp_path / "in.txt").write_text("The bank raised rates .\n" * 400)  # ~800 KB of vectors
-    run = subprocess.run([sys.executable, "-m", "elmo_jax.cli", "embed", str(tmp_path / "in.txt"),
-                          str(tmp_path / "out.hdf5"), "--layout", layout, *cli_args], preexec_fn=limit_file_size,
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", limited, "embed", str(tmp_path / "in.txt"), str(tmp_path / "out.hdf5"),
+                          "--layout", layout, *cli_args], capture_output=True, text=True)
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip() == f"elmo-jax embed: error: {tmp_path / 'out.hdf5'}: cannot write it: File too large"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
