@@ -39,15 +39,15 @@ class DistributedEmbedError(ValueError):
 
 def embed_distributed(args, program_cache: str | None = None) -> None:
     """Embed ``args.input`` into ``args.output`` with all processes (see the module docstring for the steps);
-    ``program_cache``: the ``Embedder``'s."""
+    ``args`` as ``embed_cli.run_embed`` checked them (``args.output`` among them); ``program_cache``: the
+    ``Embedder``'s."""
     from .characters import Vocabulary
     from .embed import Embedder, count_lines
     from .embed_output import merge_parts
-    from .weights import check_output_path, write_atomic
+    from .weights import write_atomic
 
     if args.input == "-":
         raise DistributedEmbedError("--distributed reads INPUT from a file that every process can read, not stdin")
-    check_output_path(args.output)
     total = count_lines(args.input)
     peer_timeout = _seconds("ELMO_JAX_EMBED_PEER_TIMEOUT", 30, most=60)  # detection + exit stay within JAX's 100 s
     _connect(_seconds("ELMO_JAX_EMBED_CONNECT_TIMEOUT", 120, most=290))  # JAX aborts after 300 s
