@@ -602,7 +602,7 @@ class Embedder:
             if not self.stand_in_device:  # the last spill's reads, done by now, kept compact on the host: each
                 # read is of a whole gather's rows, mostly padding for one long sentence's ~RING_STEPS steps
                 for pieces in spills.values():
-                    if pieces[-1][0] is not None and not isinstance(pieces[-1][0], np.ndarray):
+                    if not isinstance(pieces[-1][0], np.ndarray):
                         pieces[-1] = (np.concatenate(steps_read(*pieces[-1])), 0, pieces[-1][2])
             parts = read_steps(slots)
             for index, first, count in zip(slots.index.tolist(), (np.cumsum(slots.length) - slots.length).tolist(),
