@@ -748,7 +748,7 @@ class Embedder:
         lines [first, last) (0-based) are embedded, indexed from 0 (one process's share of a file).
         Returns counts and timings.
         """
-        from .embed_output import EmbeddingWriter, check_output_options
+        from .embed_output import EmbeddingWriter, SentenceIndex, check_output_options
         from .tokenize import get_tokenizer
         from .weights import check_output_path, write_atomic
 
@@ -762,7 +762,6 @@ class Embedder:
         import h5py
 
         stats = {"sentences": 0, "tokens": 0, "seconds": 0.0}
-        index: dict[str, str] = {}
         first, last = lines if lines is not None else (0, None)
         if last is not None:  # a share the caller counted (embed --distributed): the file is not read twice
             total = last - first
@@ -777,7 +776,7 @@ class Embedder:
                 if not tokens and empty_lines == "error":
                     raise TokenError(f"{_name(input_file)}: line {number} is empty; remove it or use "
                                      f"empty_lines='skip' (--empty-lines skip)")
-                index[text.strip()] = str(number - 1 - first)  # a repeated sentence maps to its last line (AllenNLP)
+                index.add(text.strip(), number - 1 - first)  # a repeated sentence maps to its last line (AllenNLP)
                 yield tokens
 
         def write(tmp: str) -> None:
@@ -805,7 +804,9 @@ class Embedder:
             bar.close()
             stats["seconds"] = time.perf_counter() - started
 
-        write_atomic(output_file, write)
+        # {sentence: line} of every line, kept on disk: a dict of 10 million lines would hold ~2.6 GB
+        with SentenceIndex(os.path.dirname(os.path.abspath(output_file))) as index:
+            write_atomic(output_file, write)
         return stats
 
 
@@ -984,7 +985,7 @@ class _BackgroundWriter:
             raise self.error
         self.queue.put((rows, lengths, indices, blocked))
 
-    def finish(self, sentence_to_index: dict) -> dict:
+    def finish(self, sentence_to_index) -> dict:
         self.queue.put(None)
         self.thread.join()
         if self.error is not None:

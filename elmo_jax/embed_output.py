@@ -31,7 +31,10 @@ import itertools
 import json
 import operator
 import os
+import re
+import tempfile
 from collections.abc import Sequence
+from json.encoder import encode_basestring_ascii as _encode_json_str
 
 import h5py
 import numpy as np
@@ -42,6 +45,7 @@ FORMAT, FORMAT_VERSION = "elmo_jax.embeddings", 1
 CHUNK_BYTES = 1 << 20  # packed chunk size along the token axis
 MAX_BUFFERS = 1024  # buffers per os.pwritev call (Linux's IOV_MAX)
 BUFFER_CHUNKS = 16  # packed: chunks buffered in memory per write (one h5py call per 16 MiB)
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _RESERVED = ("format", "format_version", "layout", "output_dtype", "n_sentences", "n_tokens", "parts")
 _EXPECTED = ("expected datasets '0', '1', ... and 'sentence_to_index' (AllenNLP layout) or 'embeddings' and "
              "'offsets' (packed)")
@@ -195,7 +199,7 @@ class EmbeddingWriter:
             self._dataset[self._written + whole : end] = self._buffer[whole : self._filled]
         self._written, self._filled = end, 0
 
-    def finish(self, sentence_to_index: dict[str, str]) -> dict:
+    def finish(self, sentence_to_index: dict[str, str] | SentenceIndex) -> dict:
         """Write the buffered rows, "offsets" (packed), "sentence_to_index" and the root attributes.
 
         Returns {"sentences": n_sentences, "tokens": n_tokens}."""
@@ -248,9 +252,106 @@ def _root_attrs(extra: dict, layout: str, dtype, n_sentences: int, n_tokens: int
             "output_dtype": np.dtype(dtype).name, "n_sentences": n_sentences, "n_tokens": n_tokens}
 
 
-def _write_index(f: h5py.File, sentence_to_index: dict[str, str]) -> None:
+class SentenceIndex:
+    """AllenNLP's "sentence_to_index", built line by line without holding the lines: ``add(text, i)`` as
+    ``d[text] = str(i)`` on a dict ``d``, and ``to_json()`` gives ``json.dumps(d)`` (each text where it first came,
+    with its last index), byte for byte.
+
+    A dict of 10 million lines' texts holds ~2.6 GB (~260 bytes a line). Here each text goes, JSON-encoded, to a
+    temporary file (in memory up to ``SPOOL_BYTES``, then in ``folder``), and memory keeps 16 bytes a line: the
+    text's hash and its index. ``to_json`` reads the texts back; only those whose hash repeats are compared.
+    """
+
+    SPOOL_BYTES = 32 << 20
+    _hash = staticmethod(hash)  # a test swaps in one that collides
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        self.folder = folder
+        self._texts = tempfile.SpooledTemporaryFile(max_size=self.SPOOL_BYTES, dir=folder)
+        self._hashes = array.array("q")
+        self._indices = array.array("q")
+        self._pending: list[str] = []  # texts not written yet
+
+    def __len__(self) -> int:
+        """The texts added (a repeated one counts each time)."""
+        return len(self._indices)
+
+    def add(self, text: str, index: int) -> None:
+        self._hashes.append(self._hash(text))
+        self._indices.append(index)
+        self._pending.append(_encode_json_str(text))  # escaped: no newline inside
+        if len(self._pending) == 4096:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._texts.write(("\n".join(self._pending) + "\n").encode("ascii"))
+            self._pending = []
+
+    def update(self, items) -> None:
+        """``add`` each (text, index) in turn."""
+        for text, index in items:
+            self.add(text, index)
+
+    def close(self) -> None:
+        """Remove the temporary file."""
+        self._texts.close()
+
+    def __enter__(self) -> SentenceIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def to_json(self) -> bytes:
+        """``json.dumps`` of the dict the adds make (ASCII, so bytes), written out and read back whole once."""
+        self._flush()
+        hashes = np.frombuffer(self._hashes, np.int64)
+        order = np.argsort(hashes, kind="stable")
+        same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+        suspect = np.zeros(len(hashes), bool)  # texts whose hash another text has: perhaps repeated
+        suspect[order[same]] = suspect[order[same + 1]] = True
+        suspects = np.flatnonzero(suspect).tolist()
+        last: dict[bytes, int] = {}  # a suspect's last index (equal texts have equal JSON)
+        for line, i in zip(self._lines(suspects), suspects):
+            last[line] = self._indices[i]
+        with tempfile.SpooledTemporaryFile(max_size=self.SPOOL_BYTES, dir=self.folder) as out:
+            out.write(b"{")
+            separator, following = b"", iter([*suspects, -1])
+            next_suspect = next(following)
+            self._texts.seek(0)
+            for i, (line, index) in enumerate(zip(self._texts, self._indices)):
+                if i == next_suspect:
+                    next_suspect = next(following)
+                    index = last.pop(line, None)  # written where it first came; None: written already
+                    if index is None:
+                        continue
+                out.write(separator + line[:-1] + b': "%d"' % index)
+                separator = b", "
+            out.write(b"}")
+            out.seek(0)
+            return out.read()
+
+    def _lines(self, positions: list[int]):
+        """The stored lines (JSON text and newline) at ascending ``positions``."""
+        if positions:
+            self._texts.seek(0)
+            wanted = iter(positions)
+            target = next(wanted)
+            for i, line in enumerate(self._texts):
+                if i == target:
+                    yield line
+                    target = next(wanted, None)
+                    if target is None:
+                        return
+
+
+def _write_index(f: h5py.File, sentence_to_index: dict[str, str] | SentenceIndex) -> None:
     dataset = f.create_dataset("sentence_to_index", (1,), dtype=h5py.special_dtype(vlen=str))
-    dataset[0] = json.dumps(sentence_to_index)
+    if isinstance(sentence_to_index, SentenceIndex):
+        dataset[0] = sentence_to_index.to_json()
+    else:
+        dataset[0] = json.dumps(sentence_to_index)
 
 
 def _plain(value):
@@ -309,9 +410,43 @@ class Embeddings(collections.abc.Sequence):
     @property
     def sentence_to_index(self) -> dict[str, str]:
         if self._index is None:
-            raw = self.file["sentence_to_index"][0]
-            self._index = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+            self._index = json.loads(self._raw_index())
         return self._index
+
+    def index_items(self):
+        """(text, "index") of "sentence_to_index" in the file's order, decoded one at a time (no dict of them all)."""
+        raw = self._raw_index()
+        decode, space = json.JSONDecoder().raw_decode, _JSON_SPACE.match
+        try:
+            at = space(raw, 0).end()
+            if raw[at] != "{":
+                raise ValueError("not a JSON object")
+            at = space(raw, at + 1).end()
+            while raw[at] != "}":
+                text, at = decode(raw, at)
+                at = space(raw, at).end()
+                if raw[at] != ":":
+                    raise ValueError(f"expected ':' at {at}")
+                index, at = decode(raw, space(raw, at + 1).end())
+                if not isinstance(text, str) or not isinstance(index, str):
+                    raise ValueError(f"expected a string of a string before {at}")
+                yield text, index
+                at = space(raw, at).end()
+                if raw[at] == ",":
+                    at = space(raw, at + 1).end()
+                    if raw[at] == "}":
+                        raise ValueError(f"expected a string at {at}")
+                elif raw[at] != "}":
+                    raise ValueError(f"expected ',' or '}}' at {at}")
+            if space(raw, at + 1).end() != len(raw):
+                raise ValueError(f"extra text at {at + 1}")
+        except (ValueError, IndexError) as error:
+            raise EmbeddingsFileError(f"{self.path}: 'sentence_to_index' is not a JSON object of strings "
+                                      f"({error})") from None
+
+    def _raw_index(self) -> str:
+        raw = self.file["sentence_to_index"][0]
+        return raw.decode("utf-8") if isinstance(raw, bytes) else raw
 
     def close(self) -> None:
         self.file.close()
@@ -398,13 +533,17 @@ def merge_parts(path: str | os.PathLike, parts: Sequence[str | os.PathLike], *, 
     infos = [_part_info(os.fspath(part), layout, path) for part in parts]
     starts = np.cumsum([0] + [info["n"] for info in infos]).tolist()
     dtype = infos[0]["attrs"]["output_dtype"] if infos else OUTPUT_DTYPES[0]
-    index = {}
-    for info, start in zip(infos, starts):
+    for info in infos:
         if info["attrs"]["output_dtype"] != dtype:
             raise EmbeddingsFileError(f"cannot merge into {path}: part {info['rel']} is "
                                       f"{info['attrs']['output_dtype']}, expected {dtype} as the first part")
-        index.update((text, str(int(i) + start)) for text, i in info["index"].items())  # later lines win
-    with h5py.File(path, "w") as f:
+    with SentenceIndex(os.path.dirname(os.path.abspath(path))) as index, h5py.File(path, "w") as f:
+        for part, start in zip(parts, starts):
+            with open_embeddings(part) as emb:
+                try:
+                    index.update((text, int(i) + start) for text, i in emb.index_items())  # later lines win
+                except (EmbeddingsFileError, ValueError) as error:
+                    raise EmbeddingsFileError(f"cannot merge into {path}: {error}") from None
         if layout == "allennlp":
             for info, start in zip(infos, starts):
                 for i in range(info["n"]):
@@ -418,7 +557,7 @@ def merge_parts(path: str | os.PathLike, parts: Sequence[str | os.PathLike], *, 
 
 
 def _part_info(part: str, layout: str, path: str) -> dict:
-    """Check one part file and read what merging needs: its path relative to path's folder, counts, index, attrs."""
+    """Check one part file and read what merging needs: its path relative to path's folder, counts, attrs."""
     try:
         with open_embeddings(part) as emb:
             if (emb.attrs.get("format"), emb.layout) != (FORMAT, layout):
@@ -426,7 +565,7 @@ def _part_info(part: str, layout: str, path: str) -> dict:
                 raise EmbeddingsFileError(f"{part}: expected a part file written by EmbeddingWriter in the {layout} "
                                           f"layout, found the {emb.layout} layout{found}")
             rel = os.path.relpath(os.path.abspath(part), os.path.dirname(os.path.abspath(path)))
-            info = {"rel": rel, "n": len(emb), "index": emb.sentence_to_index, "attrs": emb.attrs,
+            info = {"rel": rel, "n": len(emb), "attrs": emb.attrs,
                     "tokens": emb.attrs["n_tokens"]}
             if layout == "packed":
                 info.update(shape=emb._embeddings.shape, offsets=emb._offsets)

@@ -13,6 +13,7 @@ from elmo_jax import embed_output
 from elmo_jax.embed_output import (
     EmbeddingsFileError,
     EmbeddingWriter,
+    SentenceIndex,
     check_output_options,
     merge_parts,
     open_embeddings,
@@ -192,6 +193,55 @@ def test_empty_output(tmp_path):
         assert write(path, [], [], layout, writes=1) == {"sentences": 0, "tokens": 0}
         with open_embeddings(path) as emb:
             assert len(emb) == 0 and list(emb) == [] and emb.sentence_to_index == {}
+
+
+TRICKY_TEXTS = ["a", "b c", "\u00e9", "x\ny", 'q"uote', "\\n", "\ud800", "tab\t", "", "\u65e5\u672c", "\x00"]
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_sentence_index_is_json_dumps_of_the_dict(tmp_path, monkeypatch, collide):
+    """SentenceIndex.to_json() is json.dumps(d), byte for byte, for d[text] = str(i) in turn: a repeated text keeps
+    its first place and its last index. With every text's hash in one of 3 buckets, texts are still told apart;
+    the texts spill from memory to a file in the folder given."""
+    monkeypatch.setattr(SentenceIndex, "SPOOL_BYTES", 64)
+    if collide:
+        monkeypatch.setattr(SentenceIndex, "_hash", staticmethod(lambda text: len(text) % 3))
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        items = [(" ".join(str(w) for w in rng.choice(TRICKY_TEXTS, rng.integers(0, 4))), int(rng.integers(0, 99)))
+                 for _ in range(rng.integers(0, 60))]
+        expected = {}
+        with SentenceIndex(tmp_path) as index:
+            for text, i in items:
+                index.add(text, i)
+                expected[text] = str(i)
+            assert len(index) == len(items)
+            assert index.to_json() == json.dumps(expected).encode()
+    assert os.listdir(tmp_path) == []  # the spilled file is unnamed and gone
+
+
+def write_raw_index(path, raw: str) -> None:
+    """A file of no sentence whose "sentence_to_index" holds ``raw``."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("sentence_to_index", (1,), dtype=h5py.special_dtype(vlen=str))[0] = raw
+
+
+def test_index_items_decode_one_at_a_time(tmp_path):
+    """Embeddings.index_items() gives json.loads' items of any JSON object of strings; anything else is a one-line
+    error naming the file."""
+    index = {text: str(i) for i, text in enumerate(TRICKY_TEXTS)}
+    readable = {text: i for text, i in index.items() if text != "\ud800"}  # HDF5 takes UTF-8 text only
+    for raw in (json.dumps(index), json.dumps(readable, indent=2, ensure_ascii=False), "{}", " { } ",
+                '{"a":"1","a" : "2"}'):
+        write_raw_index(tmp_path / "a.hdf5", raw)
+        with open_embeddings(tmp_path / "a.hdf5") as emb:
+            assert list(emb.index_items()) == list(json.loads(raw, object_pairs_hook=list))
+    for raw in ('["a"]', '{"a": 1}', '{"a" "1"}', '{"a": "1",}', '{"a": "1"', '{"a": "1"} x', ""):
+        write_raw_index(tmp_path / "a.hdf5", raw)
+        with open_embeddings(tmp_path / "a.hdf5") as emb:
+            with pytest.raises(EmbeddingsFileError, match=r"a\.hdf5: 'sentence_to_index' is not a JSON object of "
+                                                          r"strings \(.+\)$"):
+                list(emb.index_items())
 
 
 def write_parts(folder, arrays, texts, layout, bounds=(0, 9, 9, 20, 33)) -> list[str]:
