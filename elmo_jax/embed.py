@@ -109,6 +109,8 @@ SPLIT_MIN_LANES = 16
 START_ROWS = {False: 1, True: 8}
 RING_STEPS = 256  # steps of each lane's outputs kept on the device (a longer sentence is read in pieces: spill)
 IN_FLIGHT = 2  # gathers dispatched ahead of the one being copied back
+# in input order, the vectors that may wait on the host behind a long sentence still running (beside a window's)
+WAITING_BYTES = 256 << 20
 # gathered batches waiting for the writer thread (each 24 MB with the built-in model, all layers): the writer keeps up
 # on average (~0.5 GB/s against ~0.1 GB/s made), so a short queue only bounds memory; with 8, peak RSS at 10,000 lines
 # was ~50 MB higher, memory that costs the run again wherever fresh pages are dear (~2.3 ms a MB on this VM when the
@@ -537,7 +539,14 @@ class Embedder:
             tokens = TokenTable(self._capacity, self._tokens.tokens[2 : self._tokens.n_pinned],
                                 self.model.characters.boundary_tokens)
             device = _DeviceTable(None, tokens.tokens[: tokens.n_pinned])
-        stream = _Stream(self, sentences, lanes, tokens, allow_empty, validate, make_table=device.table is None)
+        max_lead = None
+        if in_order:  # what waits behind a long sentence is bounded (Timeline.place)
+            layers = self.options.n_representation_layers if mode == "all" else 1
+            step_bytes = lanes * layers * self.options.output_dim * max(np.dtype(self.dtype).itemsize,
+                                                                        np.dtype(output_dtype).itemsize)
+            max_lead = max(RING_STEPS, WAITING_BYTES // step_bytes)
+        stream = _Stream(self, sentences, lanes, tokens, allow_empty, validate, make_table=device.table is None,
+                         max_lead=max_lead)
         completed = False
         try:
             yield from self._run(stream, device, mode, weights, np.dtype(output_dtype), in_order, blocked)
@@ -615,11 +624,16 @@ class Embedder:
             taken = plan.take(limit, rows)
             if taken is None:
                 return False
-            early = spills.pop(int(taken.index[0]), None) if len(taken.index) == 1 else None
-            if early is not None:  # read (in part) early: the rest of its steps; put together on the host (collect)
-                rest = int(taken.length[0]) - sum(count for *_, count in early)
-                if rest:
-                    early.append((read_steps(Slots(taken.index, taken.lane, taken.start, np.array([rest]))), 0, rest))
+            early = [spills.pop(index, None) for index in taken.index.tolist()]
+            if any(pieces is not None for pieces in early):  # some read (in part) early: the rest of every one's
+                # steps, in one read_steps; each put together on the host (collect)
+                early = [pieces or [] for pieces in early]
+                rests = taken.length - np.array([sum(count for *_, count in pieces) for pieces in early], np.int64)
+                if rests.any():
+                    parts = read_steps(Slots(taken.index, taken.lane, taken.start, rests))
+                    for pieces, first, rest in zip(early, (np.cumsum(rests) - rests).tolist(), rests.tolist()):
+                        if rest:
+                            pieces.append((parts, first, rest))
                 in_flight.append((early, taken, True))
             elif not taken.length.any():  # only empty sentences
                 in_flight.append(([], taken))
@@ -651,19 +665,26 @@ class Embedder:
         def collect():
             parts, taken, *early = in_flight.popleft()
             n = int(taken.length.sum())
-            if early:  # one sentence's ring steps, read in pieces
+            if early:  # sentences whose ring steps were read in pieces, one list of pieces each
                 if self.stand_in_device:
                     return np.zeros((n, *lead, width), dtype), taken.length, taken.index
-                steps = np.concatenate([piece for spilled in parts for piece in steps_read(*spilled)])
-                steps = steps.reshape(n, layers, width)
-                half = width // 2  # token j: the forward half of step j, the backward half of n - 1 - j (reversed)
-                out = np.concatenate([steps[:, :, :half], steps[::-1, :, half:]], axis=-1)
-                if blocked and lead:  # as the sentence's (layers, n) block
-                    out = np.ascontiguousarray(out.transpose(1, 0, 2))
-                return out.reshape(-1, *lead, width), taken.length, taken.index
+                return np.concatenate([sentence(pieces, k) for pieces, k in zip(parts, taken.length.tolist())]), \
+                    taken.length, taken.index
             out = np.asarray(parts[0]) if len(parts) == 1 else np.concatenate([np.asarray(p) for p in parts])
             out = out.reshape(-1, *lead, width)[:n] if parts else np.zeros((0, *lead, width), dtype)
             return out, taken.length, taken.index
+
+        def sentence(pieces: list, n: int) -> np.ndarray:
+            """One sentence's vectors from its ring steps read in ``pieces`` (n, [layers,] width)."""
+            if not n:
+                return np.zeros((0, *lead, width), dtype)
+            steps = np.concatenate([piece for spilled in pieces for piece in steps_read(*spilled)])
+            steps = steps.reshape(n, layers, width)
+            half = width // 2  # token j: the forward half of step j, the backward half of n - 1 - j (reversed)
+            out = np.concatenate([steps[:, :, :half], steps[::-1, :, half:]], axis=-1)
+            if blocked and lead:  # as the sentence's (layers, n) block
+                out = np.ascontiguousarray(out.transpose(1, 0, 2))
+            return out.reshape(-1, *lead, width)
 
         def fill(rows: np.ndarray, new: list[str]) -> None:
             """Write new tokens into the table at ``rows``, and the pinned rows first if they are not."""
@@ -821,9 +842,9 @@ class _Stream:
     """
 
     def __init__(self, embedder: Embedder, sentences: Iterable[Sequence[str]], lanes: int, tokens: TokenTable,
-                 allow_empty: bool, validate: bool = True, make_table: bool = False):
+                 allow_empty: bool, validate: bool = True, make_table: bool = False, max_lead: int | None = None):
         self.embedder, self.tokens, self.allow_empty, self.validate = embedder, tokens, allow_empty, validate
-        self.make_table = make_table
+        self.make_table, self.max_lead = make_table, max_lead
         self.lanes = round_up(lanes, embedder.n_devices)
         self.queue: queue.Queue = queue.Queue(maxsize=64)
         self.stopped = threading.Event()
@@ -884,7 +905,8 @@ class _Stream:
             self._put("table", self.tokens.capacity)
         self._put("lanes", lanes)
         # blocks where few lanes are busy run only those (a short input, the end of any input)
-        timeline = Timeline(lanes, self.embedder.block_steps, lane_subsets(lanes // n_devices), n_devices)
+        timeline = Timeline(lanes, self.embedder.block_steps, lane_subsets(lanes // n_devices), n_devices,
+                            self.max_lead)
         # A window is placed only once TAIL_PER_LANE sentences a lane after it have been read, so the stream's last
         # sentences go into the lanes as one window, longest first: the lanes then end within a short sentence of
         # each other, not a long one (10,000 held-out lines, 256 lanes: 23 blocks, the fewest their steps fill; with

@@ -565,15 +565,15 @@ def test_gather_plan_reads_whole_sentences_in_input_order_and_unreverses_the_bac
 
 def test_gather_plan_spills_a_running_sentence_the_ring_cannot_hold():
     """A sentence still running with steps about to be overwritten has its steps so far read early (spill); it is
-    then taken alone, from its first step still in the ring, and the ring keeps its size."""
+    then taken from its first step still in the ring, and the ring keeps its size."""
     plan = GatherPlan(steps=8, in_order=False)
     plan.add(Slots(np.array([0, 1]), np.array([0, 1]), np.array([0, 0]), np.array([30, 2])))
     assert plan.take(done=4, rows=8).index.tolist() == [1]
-    assert plan.oldest_start() == 0 and not plan.spilled().any()
+    assert plan.oldest_start() == 0 and (plan.kept == plan.start).all()
     early = plan.spill(done=8, before=4)  # steps 0..7 of sentence 0 written; those before 4 would be overwritten
     assert (early.index.tolist(), early.start.tolist(), early.length.tolist()) == ([0], [0], [8])
     assert plan.steps_of(early, rows=4).tolist() == list(range(8))  # lane 0's steps 0..7
-    assert plan.oldest_start() == 8 and plan.spilled().tolist() == [True]
+    assert plan.oldest_start() == 8 and (plan.kept != plan.start).tolist() == [True]
     assert len(plan.spill(done=12, before=4).index) == 0  # nothing before step 4 is left in the ring
     again = plan.spill(done=16, before=9)
     assert (again.start.tolist(), again.length.tolist()) == ([8], [8])
@@ -581,23 +581,31 @@ def test_gather_plan_spills_a_running_sentence_the_ring_cannot_hold():
     assert plan.take(done=29, rows=64) is None  # not finished
     taken = plan.take(done=30, rows=64)
     assert (taken.index.tolist(), taken.start.tolist(), taken.length.tolist()) == ([0], [16], [30])
-    # in input order, a finished sentence waits behind a running one: read early too, whole, then taken alone
+    # in input order, a finished sentence waits behind a running one: read early too, whole; all three are taken
+    # together (one read for what is left: sentence 0's steps from 8, and sentence 3, never read early)
     plan = GatherPlan(steps=8, in_order=True)
-    plan.add(Slots(np.array([0, 1, 2]), np.array([0, 1, 1]), np.array([0, 0, 3]), np.array([30, 3, 2])))
+    plan.add(Slots(np.array([0, 1, 2, 3]), np.array([0, 1, 1, 1]), np.array([0, 0, 3, 9]), np.array([30, 3, 2, 4])))
     early = plan.spill(done=8, before=4)
     assert (early.index.tolist(), early.start.tolist(), early.length.tolist()) == ([0, 1, 2], [0, 0, 3], [8, 3, 2])
     assert plan.oldest_start() == 8 and plan.take(done=29, rows=64) is None
-    assert plan.take(done=30, rows=64).index.tolist() == [0]
-    assert [plan.take(done=30, rows=64).index.tolist() for _ in range(2)] == [[1], [2]]  # each alone
+    taken = plan.take(done=30, rows=64)
+    assert (taken.index.tolist(), taken.start.tolist(), taken.length.tolist()) == ([0, 1, 2, 3], [8, 3, 5, 9],
+                                                                                  [30, 3, 2, 4])
+    assert len(plan) == 0
 
 
+@pytest.mark.parametrize("waiting_bytes", [embed.WAITING_BYTES, 1])
 @pytest.mark.parametrize("layout", ["allennlp", "packed"])
-def test_long_sentences_are_read_in_pieces_and_keep_the_numbers(tiny_model, monkeypatch, tmp_path, layout):
+def test_long_sentences_are_read_in_pieces_and_keep_the_numbers(tiny_model, monkeypatch, tmp_path, layout,
+                                                                  waiting_bytes):
     """Sentences far longer than the ring (8 steps here) among short ones: each is read in pieces as it runs (and,
     in input order, the sentences finished behind it), put together on the host, with the numbers of the loop
     reference, in a file of either layout and from embed_sentences; the ring keeps its 8 steps. (It used to double
-    for every lane until the longest sentence fitted: 25 GB at 256 lanes for a line of 20,000 tokens.)"""
+    for every lane until the longest sentence fitted: 25 GB at 256 lanes for a line of 20,000 tokens.) With
+    WAITING_BYTES at 1, in input order no sentence starts more than the ring's steps before the last end placed
+    (Timeline.max_lead): the other lanes idle while a long sentence runs on."""
     monkeypatch.setattr(embed, "RING_STEPS", 8)
+    monkeypatch.setattr(embed, "WAITING_BYTES", waiting_bytes)
     rng = np.random.default_rng(3)
     sentences = [[f"w{k % 40}" for k in range(n)] for n in np.where(rng.random(60) < 0.1, 90, rng.integers(1, 6, 60))]
     sentences[0] = [f"w{k % 40}" for k in range(70)]
@@ -613,6 +621,23 @@ def test_long_sentences_are_read_in_pieces_and_keep_the_numbers(tiny_model, monk
     for got_k, expected_k in zip(embedder.embed_sentences(sentences, mode="top"), want, strict=True):
         np.testing.assert_allclose(got_k, expected_k[-1], atol=1e-5)
     assert ring_steps == {8}
+
+
+def test_timeline_max_lead_starts_no_sentence_far_before_the_last_end():
+    """In input order, what finishes before a sentence placed earlier waits for it: with max_lead, a window placed
+    after a long sentence starts no earlier than max_lead steps before its end (those lanes idle until then)."""
+    timeline = Timeline(lanes=4, block_steps=4, subsets=lane_subsets(4), max_lead=6)
+    first = timeline.place(np.array([0, 1]), np.array([40, 2]), np.arange(42))
+    assert first.start.tolist() == [0, 0]  # nothing placed before them
+    after = timeline.place(np.array([2, 3, 4]), np.array([3, 3, 5]), np.arange(11))
+    assert after.start.min() == 40 - 6 and sorted(after.lane.tolist()) == [1, 2, 3]
+    blocks = timeline.pop_blocks()  # every lane decided to step 37
+    assert [b.first_step for b in blocks] == list(range(0, 36, 4))
+    idle = [b for b in blocks if 4 <= b.first_step < 32]  # lane 0 alone: blocks of the fewest lanes, one
+    assert idle and all(b.active.tolist() == [0] and b.mask.all() for b in idle)
+    free = Timeline(lanes=4, block_steps=4)  # unbounded (any order): they start as lanes free up
+    free.place(np.array([0, 1]), np.array([40, 2]), np.arange(42))
+    assert free.place(np.array([2, 3, 4]), np.array([3, 3, 5]), np.arange(11)).start.min() == 0
 
 
 def test_gather_plan_in_any_order_reads_each_sentence_once_finished():
