@@ -537,23 +537,24 @@ def merge_parts(path: str | os.PathLike, parts: Sequence[str | os.PathLike], *, 
         if info["attrs"]["output_dtype"] != dtype:
             raise EmbeddingsFileError(f"cannot merge into {path}: part {info['rel']} is "
                                       f"{info['attrs']['output_dtype']}, expected {dtype} as the first part")
-    with SentenceIndex(os.path.dirname(os.path.abspath(path))) as index, h5py.File(path, "w") as f:
-        for part, start in zip(parts, starts):
+    with SentenceIndex(os.path.dirname(os.path.abspath(path))) as index:
+        for part, start in zip(parts, starts):  # read before path is made: a bad part leaves no file
             with open_embeddings(part) as emb:
                 try:
                     index.update((text, int(i) + start) for text, i in emb.index_items())  # later lines win
                 except (EmbeddingsFileError, ValueError) as error:
                     raise EmbeddingsFileError(f"cannot merge into {path}: {error}") from None
-        if layout == "allennlp":
-            for info, start in zip(infos, starts):
-                for i in range(info["n"]):
-                    f[str(start + i)] = h5py.ExternalLink(info["rel"], str(i))
-        else:
-            _merge_packed(f, infos, path, dtype)
-        _write_index(f, index)
-        extra = {k: v for k, v in infos[0]["attrs"].items() if k not in _RESERVED} if infos else {}
-        f.attrs.update(_root_attrs(extra, layout, dtype, starts[-1], sum(info["tokens"] for info in infos)))
-        f.attrs["parts"] = [info["rel"] for info in infos]
+        with h5py.File(path, "w") as f:
+            if layout == "allennlp":
+                for info, start in zip(infos, starts):
+                    for i in range(info["n"]):
+                        f[str(start + i)] = h5py.ExternalLink(info["rel"], str(i))
+            else:
+                _merge_packed(f, infos, path, dtype)
+            _write_index(f, index)
+            extra = {k: v for k, v in infos[0]["attrs"].items() if k not in _RESERVED} if infos else {}
+            f.attrs.update(_root_attrs(extra, layout, dtype, starts[-1], sum(info["tokens"] for info in infos)))
+            f.attrs["parts"] = [info["rel"] for info in infos]
 
 
 def _part_info(part: str, layout: str, path: str) -> dict:

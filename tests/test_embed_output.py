@@ -349,6 +349,14 @@ def test_merge_checks_parts(tmp_path):
     with pytest.raises(EmbeddingsFileError, match=r"cannot merge into .*m.hdf5: part parts/part-3.hdf5 is float32, "
                                                   r"expected float16 as the first part"):
         merge_parts(tmp_path / "m.hdf5", parts, layout="packed")
+    (tmp_path / "m.hdf5").unlink(missing_ok=True)  # left by the checks made once it is open (embed wraps them)
+    good = write_parts(tmp_path / "good", arrays, texts, "packed")
+    with h5py.File(good[1], "a") as f:
+        f["sentence_to_index"][0] = '{"a": "0", "b"}'
+    with pytest.raises(EmbeddingsFileError, match=r"cannot merge into .*m.hdf5: .*good/part-1.hdf5: "
+                                                  r"'sentence_to_index' is not a JSON object of strings \(.+\)$"):
+        merge_parts(tmp_path / "m.hdf5", good, layout="packed")
+    assert not os.path.exists(tmp_path / "m.hdf5")  # read before the merged file is made
     os.remove(parts[2])
     with pytest.raises(EmbeddingsFileError, match=r"cannot merge into .*m.hdf5: .*part-2.hdf5: no such file"):
         merge_parts(tmp_path / "m.hdf5", parts, layout="packed")
