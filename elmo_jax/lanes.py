@@ -294,8 +294,9 @@ class Timeline:
         busy = self.mask[:, first:end].any(axis=1).reshape(self.devices, part)
         n = fewest_lanes(self.subsets, int(busy.sum(axis=1).max()))
         arrays = (self.forward, self.backward, self.reset, self.mask)
-        if n == part:
-            return Block(*(a[:, first:end] for a in arrays), self.base + first)
+        if n == part:  # copies: a view would keep the whole timeline alive while the block waits in a queue (a
+            # sentence of 10,000 steps: 256 lanes x 10 bytes a step each, 500 MB for the blocks of a stream's queue)
+            return Block(*(a[:, first:end].copy() for a in arrays), self.base + first)
         mine = [np.sort(np.concatenate([np.flatnonzero(b), np.flatnonzero(~b)])[:n]) for b in busy]
         active = np.concatenate([d * part + m for d, m in enumerate(mine)]).astype(np.int32)
         return Block(*(a[active, first:end] for a in arrays), self.base + first, active)

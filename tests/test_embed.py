@@ -546,6 +546,8 @@ def test_slots_reset_and_reverse_each_sentence():
     assert blocks[0].backward.tolist() == [[12, 11, 10, 0], [31, 30, 20, 0]]
     assert blocks[0].reset.tolist() == [[True, False, False, False], [True, False, True, False]]
     assert blocks[0].mask.tolist() == [[True, True, True, False], [True, True, True, False]]
+    # a block owns its arrays: a view would keep the whole timeline alive while it waits in the stream's queue
+    assert all(a.base is None for a in (blocks[0].forward, blocks[0].backward, blocks[0].reset, blocks[0].mask))
 
 
 def test_gather_plan_reads_whole_sentences_in_input_order_and_unreverses_the_backward_half():
