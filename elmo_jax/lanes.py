@@ -502,16 +502,10 @@ class GatherPlan:
         (its slot is reversed). Returns two (k,) int32 arrays, k = the tokens rounded up to a multiple
         of ``rows`` (padding reads position 0).
         """
-        lengths = slots.length
-        total = int(lengths.sum())
-        j = within(lengths)  # token position within its sentence
-        base = np.repeat(slots.lane * self.steps, lengths)
-        start = np.repeat(slots.start, lengths)
-        padded = max(rows, -(-total // rows) * rows)
-        forward = np.zeros(padded, np.int32)
-        backward = np.zeros(padded, np.int32)
-        forward[:total] = base + (start + j) % self.steps
-        backward[:total] = base + (start + np.repeat(lengths, lengths) - 1 - j) % self.steps
+        forward = self.steps_of(slots, rows)  # token j at its slot's step j
+        total = int(slots.length.sum())
+        backward = forward.copy()
+        backward[:total] = slot_rows(forward[:total], slots.length)[1]  # each sentence's steps reversed
         return forward, backward
 
 
