@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import math
 import os
 import queue
 import sys
@@ -541,7 +542,7 @@ class Embedder:
             device = _DeviceTable(None, tokens.tokens[: tokens.n_pinned])
         max_lead = None
         if in_order:  # what waits behind a long sentence is bounded (Timeline.place)
-            layers = self.options.n_representation_layers if mode == "all" else 1
+            layers = math.prod(self._output_lead(mode))
             step_bytes = lanes * layers * self.options.output_dim * max(np.dtype(self.dtype).itemsize,
                                                                         np.dtype(output_dtype).itemsize)
             max_lead = max(RING_STEPS, WAITING_BYTES // step_bytes)
@@ -559,6 +560,10 @@ class Embedder:
                 if not completed:  # the host map may name rows the device never received: keep the pinned rows
                     tokens.clear()
                 self._table_lock.release()
+
+    def _output_lead(self, mode: str) -> tuple[int, ...]:
+        """A token's output dimensions before its vector: (layers,) for mode "all", else ()."""
+        return (self.options.n_representation_layers,) if mode == "all" else ()
 
     def _drain_plan(self, counts: list[int], lanes: int, table, ring, mode: str) -> dict | None:
         """How the blocks at a stream's end run (``lanes.drain_lanes``), from what was measured: the seconds a
@@ -582,7 +587,7 @@ class Embedder:
         """Dispatch the stream's table updates, blocks and gathers; yield gathered (rows, lengths, indices), the
         sentences in input order, or (``in_order`` False) each batch's in input order among them as they finish;
         ``blocked``: rows as ``EmbeddingWriter.write_rows`` takes them blocked (each sentence's (layers, n))."""
-        lead = (self.options.n_representation_layers,) if mode == "all" else ()
+        lead = self._output_lead(mode)
         layers, width = (lead or (1,))[0], self.options.output_dim
         by_lane, everywhere = by_batch(self.mesh), replicated(self.mesh)
         plan = GatherPlan(round_up(RING_STEPS, self.block_steps), in_order)
