@@ -239,6 +239,7 @@ class Timeline:
         self.backward = np.zeros((lanes, 0), np.int32)
         self.reset = np.zeros((lanes, 0), bool)
         self.mask = np.zeros((lanes, 0), bool)
+        self._dropped = 0  # steps popped off the front of the arrays' memory since it was last made (pop_blocks)
 
     def place(self, index: np.ndarray, lengths: np.ndarray, token_rows: np.ndarray) -> Slots:
         """Put sentences into lanes (``assign_lanes``) and their rows into the timeline.
@@ -272,6 +273,7 @@ class Timeline:
             for name in ("forward", "backward", "reset", "mask"):
                 old = getattr(self, name)
                 setattr(self, name, np.concatenate([old, np.zeros((self.lanes, extra), old.dtype)], axis=1))
+            self._dropped = 0
 
     def pop_blocks(self, final: bool = False) -> list[Block]:
         """The blocks whose every lane is decided (all of them with ``final``), removed from the timeline."""
@@ -280,9 +282,14 @@ class Timeline:
         T = self.block_steps
         self._grow(count * T)
         blocks = [self._block(k * T, (k + 1) * T) for k in range(count)]
-        if count:
+        if count:  # the rest as views, copied once they are outweighed by the steps dropped before them: a copy
+            # at every pop cost time quadratic in a long sentence's steps (behind one of 40,000 tokens, 3.8 s)
+            self._dropped += count * T
+            compact = self._dropped > self.forward.shape[1] - count * T
             for name in ("forward", "backward", "reset", "mask"):
-                setattr(self, name, getattr(self, name)[:, count * T :].copy())
+                rest = getattr(self, name)[:, count * T :]
+                setattr(self, name, rest.copy() if compact else rest)
+            self._dropped = 0 if compact else self._dropped
             self.base += count * T
         return blocks
 

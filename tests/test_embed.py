@@ -550,6 +550,36 @@ def test_slots_reset_and_reverse_each_sentence():
     assert all(a.base is None for a in (blocks[0].forward, blocks[0].backward, blocks[0].reset, blocks[0].mask))
 
 
+def test_timeline_behind_a_long_sentence_copies_its_steps_amortised():
+    # a sentence of 2,000 steps in lane 0, short ones filling the other lanes window by window: each pop used to copy
+    # every step still held (time quadratic in the long sentence); now the held steps are copied only once the steps
+    # dropped before them outweigh them. The blocks are those of a timeline that is placed whole and popped
+    # once (the reference: nothing popped before the end)
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([[2000], rng.integers(1, 12, 3000)])
+    rows = np.arange(int(lengths.sum()), dtype=np.int32) % 1000 + 2
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    streamed, once = Timeline(lanes=4, block_steps=8), Timeline(lanes=4, block_steps=8)
+    got, copied, memory = [], 0, None
+    for first in range(0, len(lengths), 6):
+        last = min(first + 6, len(lengths))
+        window = (np.arange(first, last), lengths[first:last], rows[offsets[first] : offsets[last]])
+        streamed.place(*window)
+        once.place(*window)
+        got += streamed.pop_blocks()
+        now = streamed.forward if streamed.forward.base is None else streamed.forward.base
+        copied += now.shape[1] if now is not memory else 0  # steps held, copied into new memory
+        memory = now
+    got += streamed.pop_blocks(final=True)
+    want = once.pop_blocks(final=True)
+    assert len(got) == len(want) > 250
+    for a, b in zip(got, want):
+        assert a.first_step == b.first_step
+        for name in ("forward", "backward", "reset", "mask"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert copied <= 2 * got[-1].first_step  # copying at every pop: ~100x the steps
+
+
 def test_gather_plan_reads_whole_sentences_in_input_order_and_unreverses_the_backward_half():
     # ring of 8 steps, 2 lanes: sentence 5 (3 tokens) in lane 1 at steps 6..8, sentence 6 empty, sentence 7
     # (1 token) in lane 0 at step 0
