@@ -765,7 +765,7 @@ class Embedder:
 
         ``layout="allennlp"`` (default): the layout of AllenNLP's ``elmo`` command, datasets "0", "1", ... (line
         index) of (layers, n, dim) or (n, dim) and "sentence_to_index" (JSON {sentence: "index"}).
-        ``layout="packed"``: one chunked dataset of all tokens' vectors with per-sentence offsets (see
+        ``layout="packed"``: one chunked dataset of all tokens' vectors with per-sentence offsets and texts (see
         ``embed_output``); ``open_embeddings`` reads both. The file is written under a temporary name and renamed
         when complete: an error or interruption leaves no output file. ``empty_lines``: "error" (default; the
         message names the line) or "skip" (a dataset with 0 tokens). ``tokenizer``: "whitespace" (the line is
@@ -830,7 +830,8 @@ class Embedder:
             bar.close()
             stats["seconds"] = time.perf_counter() - started
 
-        # {sentence: line} of every line, kept on disk: a dict of 10 million lines would hold ~2.6 GB
+        # every line's text, kept on disk (a dict of 10 million lines would hold ~2.6 GB): the packed layout's
+        # "sentences", or AllenNLP's {sentence: line} JSON
         with SentenceIndex(os.path.dirname(os.path.abspath(output_file))) as index:
             write_atomic(output_file, write)
         return stats
@@ -1012,12 +1013,12 @@ class _BackgroundWriter:
             raise self.error
         self.queue.put((rows, lengths, indices, blocked))
 
-    def finish(self, sentence_to_index) -> dict:
+    def finish(self, texts) -> dict:
         self.queue.put(None)
         self.thread.join()
         if self.error is not None:
             raise self.error
-        return self.writer.finish(sentence_to_index)
+        return self.writer.finish(texts)
 
     def __enter__(self):
         return self

@@ -17,13 +17,13 @@ def add_embed_parser(subparsers) -> None:
         "stdin) into OUTPUT, an HDF5 file. --layout allennlp (default) writes what AllenNLP's `elmo` command writes: "
         "one dataset per 0-based line index (\"0\", \"1\", ...) and 'sentence_to_index' (a JSON string mapping each "
         "distinct line to its last index); --layout packed writes one chunked dataset of all tokens' vectors with "
-        "per-line offsets. Shapes use layers = n_layers + 1 and dim = 2 * projection_dim of the model. Stateless: a "
-        "sentence's vectors never depend on its neighbours (--batch-size changes them by float rounding at most). "
-        "Without --model, --options or --weights the built-in English model is used. OUTPUT is written under a "
-        "temporary name and renamed when complete; a progress bar goes to stderr (--quiet: none). Bad input (missing "
-        "or corrupt files, a line that is not UTF-8, an empty line unless --empty-lines skip, an unknown --layout, "
-        "--output-dtype or --tokenizer, an OUTPUT that is a directory or one of the input files) is a one-line error "
-        "with exit status 2, before any work where it can be seen then.",
+        "per-line offsets and texts. Shapes use layers = n_layers + 1 and dim = 2 * projection_dim of the model. "
+        "Stateless: a sentence's vectors never depend on its neighbours (--batch-size changes them by float rounding "
+        "at most). Without --model, --options or --weights the built-in English model is used. OUTPUT is written "
+        "under a temporary name and renamed when complete; a progress bar goes to stderr (--quiet: none). Bad input "
+        "(missing or corrupt files, a line that is not UTF-8, an empty line unless --empty-lines skip, an unknown "
+        "--layout, --output-dtype or --tokenizer, an OUTPUT that is a directory or one of the input files) is a "
+        "one-line error with exit status 2, before any work where it can be seen then.",
     )
     parser.add_argument("input", help="input text file (one sentence per line), or - for stdin")
     parser.add_argument("output", help="output HDF5 file (replaced if it exists, unless it is an input)")

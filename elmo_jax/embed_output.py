@@ -1,25 +1,31 @@
 """Embeddings files of ``elmo-jax embed``: ``EmbeddingWriter``, ``open_embeddings`` and ``merge_parts``.
 
-Both layouts are HDF5 and hold "sentence_to_index": a (1,) vlen-str dataset with the JSON {sentence text:
-"line index"} (a repeated sentence maps to its last line, as in AllenNLP). Sentence i has n_i tokens.
+Sentence i (line i, 0-based) has n_i tokens; its text is the line, stripped (AllenNLP's key for it).
 
 - "allennlp" (AllenNLP's ``elmo`` command): one dataset per sentence, named by its 0-based line index "0",
-  "1", ..., each (layers, n_i, dim) (mode "all") or (n_i, dim).
+  "1", ..., each (layers, n_i, dim) (mode "all") or (n_i, dim); "sentence_to_index", a (1,) vlen-str dataset with
+  the JSON {sentence text: "line index"} (a repeated sentence maps to its last line; AllenNLP's one string).
 - "packed": "embeddings" holds every token's vectors in sentence order, (total_tokens, layers, dim) or
   (total_tokens, dim), chunked ~1 MiB along the token axis (resizable, uncompressed, so the file is ~the
   payload); "offsets" int64 (n_sentences + 1,): sentence i is embeddings[offsets[i]:offsets[i + 1]]
-  (the first two axes swapped for (layers, n_i, dim)). Two datasets instead of millions of objects.
+  (the first two axes swapped for (layers, n_i, dim)); "texts" uint8 holds every sentence's text, UTF-8, back
+  to back (chunked 64 KiB; any text, NUL included, which HDF5's strings cannot hold) and "text_offsets" int64
+  (n_sentences + 1,) where each starts: sentence i's text is texts[text_offsets[i]:text_offsets[i + 1]].
+  Four datasets instead of millions of objects, each read and written in pieces: the sentence-to-index map
+  (``Embeddings.sentence_to_index``) is made from the texts when asked for. (Packed files of format_version 1
+  held AllenNLP's JSON "sentence_to_index" instead, one string of ~100 bytes a line that was made, written and
+  read whole; they are still read.)
 
 Root attributes (AllenNLP readers ignore them; its own files have none): format = "elmo_jax.embeddings",
-format_version = 1, layout, output_dtype, n_sentences, n_tokens, and the caller's (mode, model, ...).
+format_version = 2, layout, output_dtype, n_sentences, n_tokens, and the caller's (mode, model, ...).
 
 Merging (``embed --distributed``): each process writes a part file of consecutive lines, and
 ``merge_parts`` writes a small file reading exactly like a one-process run, without copying vectors:
 allennlp dataset "i" is an external link to its part's dataset, packed "embeddings" a virtual dataset
-concatenating the parts' and "offsets" a real dataset. Links and virtual sources hold paths relative to
-the merged file's directory. HDF5 (checked with 2.0 in tests/test_embed_output.py) looks them up there
-before the current directory, so reading works from any directory and the folder can move as a whole
-(HDF5_EXT_PREFIX / HDF5_VDS_PREFIX, when set, come first). The "parts" attribute lists the part files;
+concatenating the parts' and "offsets", "texts" and "text_offsets" real datasets. Links and virtual sources
+hold paths relative to the merged file's directory. HDF5 (checked with 2.0 in tests/test_embed_output.py)
+looks them up there before the current directory, so reading works from any directory and the folder can move
+as a whole (HDF5_EXT_PREFIX / HDF5_VDS_PREFIX, when set, come first). The "parts" attribute lists the part files;
 ``open_embeddings`` checks they exist, since a virtual dataset silently reads fill values for a missing one.
 """
 
@@ -41,14 +47,16 @@ import numpy as np
 
 LAYOUTS = ("allennlp", "packed")
 OUTPUT_DTYPES = ("float32", "float16")
-FORMAT, FORMAT_VERSION = "elmo_jax.embeddings", 1
+FORMAT, FORMAT_VERSION = "elmo_jax.embeddings", 2  # 2: packed files hold "texts", not the JSON index
+TEXTS_CHUNK = 16384  # packed "texts": sentences a read or write
+TEXT_CHUNK_BYTES = 1 << 16  # packed "texts" chunk size
 CHUNK_BYTES = 1 << 20  # packed chunk size along the token axis
 MAX_BUFFERS = 1024  # buffers per os.pwritev call (Linux's IOV_MAX)
 BUFFER_CHUNKS = 16  # packed: chunks buffered in memory per write (one h5py call per 16 MiB)
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _RESERVED = ("format", "format_version", "layout", "output_dtype", "n_sentences", "n_tokens", "parts")
-_EXPECTED = ("expected datasets '0', '1', ... and 'sentence_to_index' (AllenNLP layout) or 'embeddings' and "
-             "'offsets' (packed)")
+_EXPECTED = ("expected datasets '0', '1', ... and 'sentence_to_index' (AllenNLP layout) or 'embeddings', "
+             "'offsets', 'texts' and 'text_offsets' (packed)")
 
 
 class EmbeddingsFileError(ValueError):
@@ -199,17 +207,27 @@ class EmbeddingWriter:
             self._dataset[self._written + whole : end] = self._buffer[whole : self._filled]
         self._written, self._filled = end, 0
 
-    def finish(self, sentence_to_index: dict[str, str] | SentenceIndex) -> dict:
-        """Write the buffered rows, "offsets" (packed), "sentence_to_index" and the root attributes.
+    def finish(self, texts: SentenceIndex | Sequence[str]) -> dict:
+        """Write the buffered rows, "offsets" and the texts (packed) or "sentence_to_index" (AllenNLP's layout), and
+        the root attributes. ``texts``: each sentence's text in line order, or a ``SentenceIndex`` of them (as
+        ``Embedder.embed_file`` keeps them while it runs; its adds are lines 0, 1, ... in turn).
 
         Returns {"sentences": n_sentences, "tokens": n_tokens}."""
+        if isinstance(texts, collections.abc.Mapping):
+            raise TypeError("finish takes each sentence's text in line order, not a {text: index} map")
+        if not isinstance(texts, SentenceIndex):
+            with SentenceIndex() as index:
+                index.update((text, i) for i, text in enumerate(texts))
+                return self.finish(index)
         if self.layout == "packed":
             if self._dataset is None:  # no sentence, so no (layers, dim): an empty 1-d dataset
                 self.f.create_dataset("embeddings", (0,), self.dtype)
             else:
                 self._flush()
             self.f.create_dataset("offsets", data=np.frombuffer(self._offsets, np.int64))
-        _write_index(self.f, sentence_to_index)
+            _write_texts(self.f, texts, self.n_sentences)
+        else:
+            _write_index(self.f, texts)
         self.f.attrs.update(_root_attrs(self.attrs, self.layout, self.dtype, self.n_sentences, self.n_tokens))
         return {"sentences": self.n_sentences, "tokens": self.n_tokens}
 
@@ -305,6 +323,19 @@ class SentenceIndex:
 
     def to_json(self) -> bytes:
         """``json.dumps`` of the dict the adds make (ASCII, so bytes), written out and read back whole once."""
+        with tempfile.SpooledTemporaryFile(max_size=self.SPOOL_BYTES, dir=self.folder) as out:
+            out.write(b"{")
+            separator = b""
+            for text, index in self.items():
+                out.write(separator + text + b': "%d"' % index)
+                separator = b", "
+            out.write(b"}")
+            out.seek(0)
+            return out.read()
+
+    def items(self):
+        """(text, index) of the dict the adds make, in its order: each text where it first came, with its last
+        index; the text JSON-encoded as ``json.dumps`` writes it (ASCII bytes, quotes included)."""
         self._flush()
         hashes = np.frombuffer(self._hashes, np.int64)
         order = np.argsort(hashes, kind="stable")
@@ -315,22 +346,27 @@ class SentenceIndex:
         last: dict[bytes, int] = {}  # a suspect's last index (equal texts have equal JSON)
         for line, i in zip(self._lines(suspects), suspects):
             last[line] = self._indices[i]
-        with tempfile.SpooledTemporaryFile(max_size=self.SPOOL_BYTES, dir=self.folder) as out:
-            out.write(b"{")
-            separator, following = b"", iter([*suspects, -1])
-            next_suspect = next(following)
-            self._texts.seek(0)
-            for i, (line, index) in enumerate(zip(self._texts, self._indices)):
-                if i == next_suspect:
-                    next_suspect = next(following)
-                    index = last.pop(line, None)  # written where it first came; None: written already
-                    if index is None:
-                        continue
-                out.write(separator + line[:-1] + b': "%d"' % index)
-                separator = b", "
-            out.write(b"}")
-            out.seek(0)
-            return out.read()
+        following = iter([*suspects, -1])
+        next_suspect = next(following)
+        self._texts.seek(0)
+        for i, (line, index) in enumerate(zip(self._texts, self._indices)):
+            if i == next_suspect:
+                next_suspect = next(following)
+                index = last.pop(line, None)  # given where it first came; None: given already
+                if index is None:
+                    continue
+            yield line[:-1], index
+
+    def texts(self):
+        """Every text added, in the order added (a repeated one each time)."""
+        self._flush()
+        self._texts.seek(0)
+        while lines := list(itertools.islice(self._texts, 4096)):  # one JSON array a batch: ~5x faster than a line
+            yield from json.loads(b"[" + b",".join(lines) + b"]")
+
+    def in_line_order(self) -> bool:
+        """Whether the adds were indices 0, 1, 2, ... in turn (one text a line)."""
+        return bool(np.array_equal(np.frombuffer(self._indices, np.int64), np.arange(len(self._indices))))
 
     def _lines(self, positions: list[int]):
         """The stored lines (JSON text and newline) at ascending ``positions``."""
@@ -346,12 +382,40 @@ class SentenceIndex:
                         return
 
 
-def _write_index(f: h5py.File, sentence_to_index: dict[str, str] | SentenceIndex) -> None:
-    dataset = f.create_dataset("sentence_to_index", (1,), dtype=h5py.special_dtype(vlen=str))
-    if isinstance(sentence_to_index, SentenceIndex):
-        dataset[0] = sentence_to_index.to_json()
-    else:
-        dataset[0] = json.dumps(sentence_to_index)
+def _write_index(f: h5py.File, index: SentenceIndex) -> None:
+    """AllenNLP's "sentence_to_index": one JSON string."""
+    f.create_dataset("sentence_to_index", (1,), dtype=h5py.special_dtype(vlen=str))[0] = index.to_json()
+
+
+def _write_texts(f: h5py.File, index: SentenceIndex, n_sentences: int) -> None:
+    """Packed "texts" and "text_offsets" of n_sentences, from an ``index`` of one add a line in line order, written
+    TEXTS_CHUNK sentences at a time."""
+    if len(index) != n_sentences or not index.in_line_order():
+        raise ValueError(f"the packed layout needs one text a sentence in line order: {n_sentences} sentences, "
+                         f"{len(index)} texts{'' if index.in_line_order() else ' not in line order'}")
+    data = f.create_dataset("texts", (0,), np.uint8, maxshape=(None,), chunks=(TEXT_CHUNK_BYTES,))
+    offsets = array.array("q", [0])
+    texts = index.texts()
+    while batch := list(itertools.islice(texts, TEXTS_CHUNK)):
+        try:
+            encoded = [text.encode("utf-8") for text in batch]
+        except UnicodeEncodeError:
+            bad = len(offsets) - 1 + next(k for k, text in enumerate(batch) if not _encodable(text))
+            raise ValueError(f"sentence {bad}'s text is not valid Unicode (a lone surrogate?)") from None
+        start = offsets[-1]
+        for text in encoded:
+            offsets.append(offsets[-1] + len(text))
+        if offsets[-1] > start:
+            data.resize(offsets[-1], axis=0)
+            data[start:] = np.frombuffer(b"".join(encoded), np.uint8)
+    f.create_dataset("text_offsets", data=np.frombuffer(offsets, np.int64))
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _plain(value):
@@ -367,11 +431,13 @@ def open_embeddings(path: str | os.PathLike) -> Embeddings:
 class Embeddings(collections.abc.Sequence):
     """The sentences of an embeddings file, read lazily: ``emb[i]`` is (layers, n_i, dim) or (n_i, dim),
     as the AllenNLP layout's dataset str(i), in the file's dtype. ``attrs``: root attributes (empty for
-    AllenNLP's files); ``layout``: "allennlp" or "packed"; ``sentence_to_index``: {sentence: "index"}."""
+    AllenNLP's files); ``layout``: "allennlp" or "packed"; ``sentence_to_index``: {sentence: "index"};
+    ``text(i)`` and ``texts()``: the sentences' texts (packed files, which hold every line's)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self.file = _open_file(self.path)
+        self._texts = None  # packed ("texts", "text_offsets"); None where the file holds AllenNLP's JSON index
         try:
             self.attrs = {key: _plain(value) for key, value in self.file.attrs.items()}
             self.layout = _detect_layout(self.file, self.path)
@@ -380,6 +446,7 @@ class Embeddings(collections.abc.Sequence):
                 self._embeddings = self.file["embeddings"]
                 self._offsets = _read_offsets(self.file, self.path)  # (n_sentences + 1,): small
                 self._len = len(self._offsets) - 1
+                self._texts = _text_datasets(self.file, self.path, self._len)
             else:
                 self._len = _count_sentences(self.file, self.path, self.attrs.get("n_sentences"))
         except BaseException:
@@ -409,12 +476,60 @@ class Embeddings(collections.abc.Sequence):
 
     @property
     def sentence_to_index(self) -> dict[str, str]:
+        """{text: "index"}, AllenNLP's map: each text where it first came, with its last line's index."""
         if self._index is None:
-            self._index = json.loads(self._raw_index())
+            if self._texts is None:
+                self._index = json.loads(self._raw_index())
+            else:
+                self._index = {text: str(i) for i, text in enumerate(self.texts())}
         return self._index
 
+    def text(self, i: int) -> str:
+        """Sentence i's text (the line, stripped): packed files."""
+        texts, offsets = self._need_texts()
+        i = operator.index(i)
+        if not -self._len <= i < self._len:
+            raise IndexError(f"{self.path}: sentence {i} is out of range for {self._len} sentences")
+        i %= self._len
+        start, end = offsets[i : i + 2].tolist()
+        return self._decode(texts[start:end].tobytes() if end > start else b"", i)
+
+    def texts(self):
+        """Every sentence's text in line order, read TEXTS_CHUNK sentences at a time: packed files."""
+        texts, offsets = self._need_texts()
+
+        def read():
+            for first in range(0, self._len, TEXTS_CHUNK):
+                at = offsets[first : first + TEXTS_CHUNK + 1].astype(np.int64)
+                if np.any(np.diff(at) < 0):
+                    raise EmbeddingsFileError(f"{self.path}: 'text_offsets' decrease after sentence {first}")
+                blob = texts[at[0] : at[-1]].tobytes() if at[-1] > at[0] else b""
+                at -= at[0]
+                for k, (start, end) in enumerate(zip(at[:-1].tolist(), at[1:].tolist())):
+                    yield self._decode(blob[start:end], first + k)
+        return read()
+
+    def _decode(self, raw: bytes, i: int) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EmbeddingsFileError(f"{self.path}: the text of sentence {i} is not UTF-8") from None
+
+    def _need_texts(self) -> tuple[h5py.Dataset, h5py.Dataset]:
+        if self._texts is None:
+            raise EmbeddingsFileError(f"{self.path}: holds no text a line (the {self.layout} layout"
+                                      f"{' of format_version 1' if self.layout == 'packed' else ''}), only "
+                                      f"'sentence_to_index'")
+        return self._texts
+
     def index_items(self):
-        """(text, "index") of "sentence_to_index" in the file's order, decoded one at a time (no dict of them all)."""
+        """(text, "index") of ``sentence_to_index`` in its order, one at a time (no dict of them all)."""
+        if self._texts is not None:
+            with SentenceIndex() as index:
+                index.update((text, i) for i, text in enumerate(self.texts()))
+                for text, i in index.items():
+                    yield json.loads(text), str(i)
+            return
         raw = self._raw_index()
         decode, space = json.JSONDecoder().raw_decode, _JSON_SPACE.match
         try:
@@ -471,7 +586,7 @@ def _open_file(path: str) -> h5py.File:
 
 
 def _detect_layout(f: h5py.File, path: str) -> str:
-    if "sentence_to_index" in f and "embeddings" in f and "offsets" in f:
+    if ("texts" in f or "sentence_to_index" in f) and "embeddings" in f and "offsets" in f:
         return "packed"
     if "sentence_to_index" in f and "embeddings" not in f and "offsets" not in f:
         return "allennlp"
@@ -487,6 +602,27 @@ def _check_parts(f: h5py.File, path: str, parts: list[str]) -> None:
     for name in dict.fromkeys(names):
         if name != "." and not os.path.isfile(os.path.join(folder, name)):
             raise EmbeddingsFileError(f"{path}: part file {name} is missing; expected it relative to {folder}")
+
+
+def _text_datasets(f: h5py.File, path: str, n_sentences: int) -> tuple[h5py.Dataset, h5py.Dataset] | None:
+    """Packed ("texts", "text_offsets"), checked but not read; None in a file of format_version 1 (JSON index)."""
+    if "texts" not in f:
+        return None
+    texts, offsets, problem = f["texts"], f.get("text_offsets"), None
+    if not isinstance(texts, h5py.Dataset) or texts.dtype != np.uint8 or texts.ndim != 1:
+        problem = "found 'texts' " + (f"{texts.dtype}, {texts.shape}" if isinstance(texts, h5py.Dataset) else "a group")
+    elif not isinstance(offsets, h5py.Dataset) or offsets.shape != (n_sentences + 1,) or offsets.dtype.kind not in "iu":
+        problem = ("no 'text_offsets'" if offsets is None else "found 'text_offsets' " +
+                   (f"{offsets.dtype}, {offsets.shape}" if isinstance(offsets, h5py.Dataset) else "a group"))
+    else:
+        ends = [int(offsets[0]), int(offsets[-1])]
+        if ends != [0, texts.shape[0]]:
+            problem = f"found 'text_offsets' {ends[0]} ... {ends[1]}"
+    if problem:
+        raise EmbeddingsFileError(f"{path}: expected 'texts' uint8 and 'text_offsets' int ({n_sentences + 1},) "
+                                  f"from 0 to the {texts.shape[0] if isinstance(texts, h5py.Dataset) else '?'} bytes "
+                                  f"of 'texts', {problem}")
+    return texts, offsets
 
 
 def _read_offsets(f: h5py.File, path: str) -> np.ndarray:
@@ -541,7 +677,10 @@ def merge_parts(path: str | os.PathLike, parts: Sequence[str | os.PathLike], *, 
         for part, start in zip(parts, starts):  # read before path is made: a bad part leaves no file
             with open_embeddings(part) as emb:
                 try:
-                    index.update((text, int(i) + start) for text, i in emb.index_items())  # later lines win
+                    if layout == "packed":  # every line's text, in line order
+                        index.update((text, start + i) for i, text in enumerate(emb.texts()))
+                    else:  # AllenNLP's map: later lines win
+                        index.update((text, int(i) + start) for text, i in emb.index_items())
                 except (EmbeddingsFileError, ValueError) as error:
                     raise EmbeddingsFileError(f"cannot merge into {path}: {error}") from None
         with h5py.File(path, "w") as f:
@@ -549,9 +688,10 @@ def merge_parts(path: str | os.PathLike, parts: Sequence[str | os.PathLike], *, 
                 for info, start in zip(infos, starts):
                     for i in range(info["n"]):
                         f[str(start + i)] = h5py.ExternalLink(info["rel"], str(i))
+                _write_index(f, index)
             else:
                 _merge_packed(f, infos, path, dtype)
-            _write_index(f, index)
+                _write_texts(f, index, starts[-1])
             extra = {k: v for k, v in infos[0]["attrs"].items() if k not in _RESERVED} if infos else {}
             f.attrs.update(_root_attrs(extra, layout, dtype, starts[-1], sum(info["tokens"] for info in infos)))
             f.attrs["parts"] = [info["rel"] for info in infos]

@@ -73,12 +73,14 @@ def _assert_one_line_error(err: str, expected: str) -> None:
 
 
 def _assert_same_file(got, expected, atol: float) -> None:
-    """got reads like expected through h5py (keys, arrays, sentence_to_index) and open_embeddings."""
+    """got reads like expected through h5py (keys, arrays, texts) and open_embeddings."""
     with h5py.File(got, "r") as g, h5py.File(expected, "r") as e:
         assert sorted(g.keys()) == sorted(e.keys())
         for key in e:
             if key == "sentence_to_index":
                 assert json.loads(g[key][0]) == json.loads(e[key][0])
+            elif key == "sentences":  # packed: each line's text
+                assert g[key][()].tolist() == e[key][()].tolist()
             else:
                 assert g[key].dtype == e[key].dtype and g[key].shape == e[key].shape, key
                 np.testing.assert_allclose(g[key][()], e[key][()], rtol=0, atol=atol, err_msg=key)

@@ -46,7 +46,7 @@ def write(path, arrays, texts, layout="allennlp", output_dtype="float32", writes
         writer = EmbeddingWriter(f, layout=layout, output_dtype=output_dtype, attrs=ATTRS)
         for piece in np.array_split(np.arange(len(arrays)), writes):
             writer.write([arrays[i] for i in piece])
-        return writer.finish(index_of(texts))
+        return writer.finish(texts)
 
 
 def assert_reads(path, arrays, texts, dtype="float32"):
@@ -58,6 +58,7 @@ def assert_reads(path, arrays, texts, dtype="float32"):
             np.testing.assert_array_equal(got, want.astype(dtype))
         np.testing.assert_array_equal(emb[-1], arrays[-1].astype(dtype))
         assert emb.sentence_to_index == index_of(texts)
+        assert list(emb.index_items()) == list(index_of(texts).items())  # the map's order too
 
 
 @pytest.mark.parametrize("layout", ["allennlp", "packed"])
@@ -71,7 +72,7 @@ def test_round_trip(tmp_path, layout, output_dtype, layers):
     assert_reads(path, arrays, texts, output_dtype)
     with open_embeddings(path) as emb:
         assert emb.layout == layout
-        assert emb.attrs == {**ATTRS, "format": "elmo_jax.embeddings", "format_version": 1, "layout": layout,
+        assert emb.attrs == {**ATTRS, "format": "elmo_jax.embeddings", "format_version": 2, "layout": layout,
                              "output_dtype": output_dtype, "n_sentences": 40, "n_tokens": counts["tokens"]}
         assert emb[1].shape[-2] == 0  # an empty line
         assert [a.shape for a in emb[3:7]] == [a.shape for a in arrays[3:7]]
@@ -79,11 +80,16 @@ def test_round_trip(tmp_path, layout, output_dtype, layers):
             emb[40]
         with pytest.raises(IndexError):
             emb[-41]
+        if layout == "packed":  # every line's text
+            assert list(emb.texts()) == texts and emb.text(5) == texts[5] and emb.text(-1) == texts[-1]
+        else:
+            with pytest.raises(EmbeddingsFileError, match="holds no text a line"):
+                emb.text(0)
     with h5py.File(path) as f:
-        raw = f["sentence_to_index"]
-        assert raw.shape == (1,) and h5py.check_string_dtype(raw.dtype) is not None
-        assert json.loads(raw[0]) == index_of(texts)
-        if layout == "allennlp":  # AllenNLP's elmo layout: dataset per line
+        if layout == "allennlp":  # AllenNLP's elmo layout: dataset per line and the JSON index
+            raw = f["sentence_to_index"]
+            assert raw.shape == (1,) and h5py.check_string_dtype(raw.dtype) is not None
+            assert json.loads(raw[0]) == index_of(texts)
             assert sorted(f.keys(), key=lambda k: (len(k), k)) == [*map(str, range(40)), "sentence_to_index"]
             np.testing.assert_array_equal(f["7"][()], arrays[7].astype(output_dtype))
         else:
@@ -92,6 +98,10 @@ def test_round_trip(tmp_path, layout, output_dtype, layers):
             np.testing.assert_array_equal(np.diff(offsets), [a.shape[-2] for a in arrays])
             rows = f["embeddings"][offsets[7] : offsets[8]]
             np.testing.assert_array_equal(np.moveaxis(rows, 0, -2), arrays[7].astype(output_dtype))
+            assert sorted(f.keys()) == ["embeddings", "offsets", "text_offsets", "texts"]
+            at = f["text_offsets"][()]
+            assert at.dtype == np.int64 and f["texts"].dtype == np.uint8
+            assert [f["texts"][a:b].tobytes().decode() for a, b in zip(at[:-1], at[1:])] == texts
 
 
 @pytest.mark.parametrize("output_dtype", ["float32", "float16"])
@@ -116,7 +126,7 @@ def test_allennlp_raw_writes_match_hdf5s_own(tmp_path, monkeypatch, output_dtype
                 if blocked and layers:  # each sentence's (layers, n, dim) values in its rows
                     rows = [arrays[i].reshape(r.shape) for i, r in zip(piece, rows)]
                 writer.write_rows(np.concatenate(rows), [len(r) for r in rows], piece, blocked=blocked)
-            writer.finish(index_of(texts))
+            writer.finish(texts)
     for name in files:
         assert_reads(files[name], arrays, texts, output_dtype)
     with h5py.File(files["raw"]) as f:
@@ -220,6 +230,88 @@ def test_sentence_index_is_json_dumps_of_the_dict(tmp_path, monkeypatch, collide
     assert os.listdir(tmp_path) == []  # the spilled file is unnamed and gone
 
 
+def test_sentence_index_items_and_texts(tmp_path, monkeypatch):
+    """items() gives the dict's (text, index) in its order, each text as json.dumps writes it; texts() every text
+    added, in turn; in_line_order() whether the adds were lines 0, 1, 2, ..."""
+    monkeypatch.setattr(SentenceIndex, "SPOOL_BYTES", 64)
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        texts = [str(rng.choice(TRICKY_TEXTS)) for _ in range(rng.integers(0, 30))]
+        with SentenceIndex(tmp_path) as index:
+            index.update((text, i) for i, text in enumerate(texts))
+            expected = {}
+            for i, text in enumerate(texts):
+                expected[text] = i
+            assert [(json.loads(text), i) for text, i in index.items()] == list(expected.items())
+            assert list(index.texts()) == texts and index.in_line_order()
+            index.add("late", 0)
+            assert not index.in_line_order()
+
+
+def test_packed_texts_any_text_and_errors(tmp_path):
+    """Packed texts are any text (newlines, NUL, quotes, empty), written and read in pieces; a text that is not
+    valid Unicode, texts that are not one a line, bytes that are not UTF-8 and offsets out of order are one-line
+    errors."""
+    texts = [t for t in TRICKY_TEXTS if t != "\ud800"] * 7
+    arrays = [np.full((2, 3), i, np.float32) for i in range(len(texts))]
+    path = tmp_path / "p.hdf5"
+    with h5py.File(path, "w") as f:
+        writer = EmbeddingWriter(f, layout="packed")
+        writer.write(arrays)
+        old = embed_output.TEXTS_CHUNK
+        embed_output.TEXTS_CHUNK = 8  # written and read in several chunks
+        try:
+            writer.finish(texts)
+        finally:
+            embed_output.TEXTS_CHUNK = old
+    with open_embeddings(path) as emb:
+        assert list(emb.texts()) == texts and emb.text(3) == texts[3]
+        assert emb.sentence_to_index == index_of(texts)
+        with pytest.raises(IndexError, match=f"sentence {len(texts)} is out of range"):
+            emb.text(len(texts))
+    with h5py.File(path, "a") as f:
+        f["texts"][f["text_offsets"][3]] = 0xFF  # sentence 3's first byte
+    with open_embeddings(path) as emb:
+        with pytest.raises(EmbeddingsFileError, match=r"p.hdf5: the text of sentence 3 is not UTF-8$"):
+            list(emb.texts())
+    with h5py.File(path, "a") as f:
+        f["text_offsets"][5] = 0
+    with open_embeddings(path) as emb:
+        with pytest.raises(EmbeddingsFileError, match=r"p.hdf5: 'text_offsets' decrease after sentence 0$"):
+            list(emb.texts())
+    with h5py.File(tmp_path / "q.hdf5", "w") as f:
+        writer = EmbeddingWriter(f, layout="packed")
+        writer.write(arrays[:3])
+        with pytest.raises(ValueError, match="sentence 1's text is not valid Unicode"):
+            writer.finish(["a", "\ud800", "b"])
+    with h5py.File(tmp_path / "q.hdf5", "w") as f:
+        writer = EmbeddingWriter(f, layout="packed")
+        writer.write(arrays[:3])
+        with pytest.raises(ValueError, match="the packed layout needs one text a sentence in line order: 3 sentences, "
+                                             "2 texts$"):
+            writer.finish(["a", "b"])
+        with pytest.raises(TypeError, match="not a {text: index} map"):
+            writer.finish({"a": "0", "b": "1", "c": "2"})
+
+
+def test_reads_packed_files_of_format_version_1(tmp_path):
+    """A packed file written before "sentences" (format_version 1: AllenNLP's JSON "sentence_to_index") reads as
+    before; it holds no text a line."""
+    arrays, texts = make_sentences(12)
+    path = tmp_path / "v1.hdf5"
+    write(path, arrays, texts, "packed")
+    with h5py.File(path, "a") as f:
+        del f["texts"], f["text_offsets"]
+        f.create_dataset("sentence_to_index", (1,), dtype=h5py.special_dtype(vlen=str))[0] = json.dumps(index_of(texts))
+        f.attrs["format_version"] = 1
+    assert_reads(path, arrays, texts)
+    with open_embeddings(path) as emb:
+        assert emb.layout == "packed"
+        with pytest.raises(EmbeddingsFileError, match=r"v1.hdf5: holds no text a line \(the packed layout of "
+                                                      r"format_version 1\), only 'sentence_to_index'$"):
+            list(emb.texts())
+
+
 def write_raw_index(path, raw: str) -> None:
     """A file of no sentence whose "sentence_to_index" holds ``raw``."""
     with h5py.File(path, "w") as f:
@@ -253,7 +345,7 @@ def write_parts(folder, arrays, texts, layout, bounds=(0, 9, 9, 20, 33)) -> list
         with h5py.File(part, "w") as f:
             writer = EmbeddingWriter(f, layout=layout, output_dtype="float16", attrs=ATTRS)
             writer.write(arrays[start:end])
-            writer.finish(index_of(texts[start:end]))
+            writer.finish(texts[start:end])
         parts.append(part)
     return parts
 
@@ -261,7 +353,8 @@ def write_parts(folder, arrays, texts, layout, bounds=(0, 9, 9, 20, 33)) -> list
 def assert_same_file(merged, single, layout):
     """Through h5py, the merged file holds the numbers, index and counts of the one-process file."""
     with h5py.File(merged) as m, h5py.File(single) as s:
-        assert m["sentence_to_index"][0] == s["sentence_to_index"][0]
+        for key in ("sentence_to_index",) if layout == "allennlp" else ("texts", "text_offsets"):
+            assert m[key][()].tolist() == s[key][()].tolist()
         for key in ("n_sentences", "n_tokens", "layout", "output_dtype", "mode", "format"):
             assert m.attrs[key] == s.attrs[key]
         if layout == "allennlp":
@@ -340,23 +433,32 @@ def test_merge_checks_parts(tmp_path):
     with h5py.File(parts[3], "w") as f:
         writer = EmbeddingWriter(f, layout="packed", output_dtype="float16")
         writer.write([np.zeros((2, 2, 8), np.float32)])
-        writer.finish({})
+        writer.finish(["x"])
     with pytest.raises(EmbeddingsFileError, match=r"cannot merge into .*m.hdf5: part parts/part-3.hdf5 has embeddings "
                                                   r"\(2, 2, 8\), expected \(tokens, 3, 8\) as the first part"):
         merge_parts(tmp_path / "m.hdf5", parts, layout="packed")
     with h5py.File(parts[3], "w") as f:
-        EmbeddingWriter(f, layout="packed").finish({})
+        EmbeddingWriter(f, layout="packed").finish([])
     with pytest.raises(EmbeddingsFileError, match=r"cannot merge into .*m.hdf5: part parts/part-3.hdf5 is float32, "
                                                   r"expected float16 as the first part"):
         merge_parts(tmp_path / "m.hdf5", parts, layout="packed")
     (tmp_path / "m.hdf5").unlink(missing_ok=True)  # left by the checks made once it is open (embed wraps them)
-    good = write_parts(tmp_path / "good", arrays, texts, "packed")
+    good = write_parts(tmp_path / "good", arrays, texts, "allennlp")
     with h5py.File(good[1], "a") as f:
         f["sentence_to_index"][0] = '{"a": "0", "b"}'
     with pytest.raises(EmbeddingsFileError, match=r"cannot merge into .*m.hdf5: .*good/part-1.hdf5: "
                                                   r"'sentence_to_index' is not a JSON object of strings \(.+\)$"):
-        merge_parts(tmp_path / "m.hdf5", good, layout="packed")
+        merge_parts(tmp_path / "m.hdf5", good, layout="allennlp")
     assert not os.path.exists(tmp_path / "m.hdf5")  # read before the merged file is made
+    good = write_parts(tmp_path / "good", arrays, texts, "packed")
+    with h5py.File(good[2], "a") as f:
+        del f["text_offsets"]
+        f["text_offsets"] = np.array([0, 3])
+    with pytest.raises(EmbeddingsFileError, match=r"cannot merge into .*m.hdf5: .*good/part-2.hdf5: expected 'texts' "
+                                                  r"uint8 and 'text_offsets' int \(12,\) from 0 to the \d+ bytes of "
+                                                  r"'texts', found 'text_offsets' int64, \(2,\)$"):
+        merge_parts(tmp_path / "m.hdf5", good, layout="packed")
+    assert not os.path.exists(tmp_path / "m.hdf5")
     os.remove(parts[2])
     with pytest.raises(EmbeddingsFileError, match=r"cannot merge into .*m.hdf5: .*part-2.hdf5: no such file"):
         merge_parts(tmp_path / "m.hdf5", parts, layout="packed")
@@ -391,8 +493,9 @@ def test_file_errors(tmp_path):
     with h5py.File(tmp_path / "other.hdf5", "w") as f:
         f["weights"] = np.zeros(3)
     with pytest.raises(EmbeddingsFileError, match=r"other.hdf5: expected datasets '0', '1', ... and "
-                                                  r"'sentence_to_index' \(AllenNLP layout\) or 'embeddings' and "
-                                                  r"'offsets' \(packed\); found \['weights'\]"):
+                                                  r"'sentence_to_index' \(AllenNLP layout\) or 'embeddings', "
+                                                  r"'offsets', 'texts' and 'text_offsets' \(packed\); found "
+                                                  r"\['weights'\]"):
         open_embeddings(tmp_path / "other.hdf5")
 
 
