@@ -831,7 +831,7 @@ class Embedder:
             stats["seconds"] = time.perf_counter() - started
 
         # every line's text, kept on disk (a dict of 10 million lines would hold ~2.6 GB): the packed layout's
-        # "sentences", or AllenNLP's {sentence: line} JSON
+        # "texts", or AllenNLP's {sentence: line} JSON
         with SentenceIndex(os.path.dirname(os.path.abspath(output_file))) as index:
             write_atomic(output_file, write)
         return stats

@@ -410,6 +410,7 @@ def _write_texts(f: h5py.File, index: SentenceIndex, n_sentences: int) -> None:
             data[start:] = np.frombuffer(b"".join(encoded), np.uint8)
     f.create_dataset("text_offsets", data=np.frombuffer(offsets, np.int64))
 
+
 def _encodable(text: str) -> bool:
     try:
         text.encode("utf-8")
