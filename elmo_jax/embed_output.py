@@ -278,6 +278,7 @@ class SentenceIndex:
     A dict of 10 million lines' texts holds ~2.6 GB (~260 bytes a line). Here each text goes, JSON-encoded, to a
     temporary file (in memory up to ``SPOOL_BYTES``, then in ``folder``), and memory keeps 16 bytes a line: the
     text's hash and its index. ``to_json`` reads the texts back; only those whose hash repeats are compared.
+    ``texts()`` gives every text added, in turn (the packed layout's "texts").
     """
 
     SPOOL_BYTES = 32 << 20
@@ -397,26 +398,18 @@ def _write_texts(f: h5py.File, index: SentenceIndex, n_sentences: int) -> None:
     offsets = array.array("q", [0])
     texts = index.texts()
     while batch := list(itertools.islice(texts, TEXTS_CHUNK)):
-        try:
-            encoded = [text.encode("utf-8") for text in batch]
-        except UnicodeEncodeError:
-            bad = len(offsets) - 1 + next(k for k, text in enumerate(batch) if not _encodable(text))
-            raise ValueError(f"sentence {bad}'s text is not valid Unicode (a lone surrogate?)") from None
-        start = offsets[-1]
-        for text in encoded:
-            offsets.append(offsets[-1] + len(text))
+        start, encoded = offsets[-1], []
+        for text in batch:
+            try:
+                encoded.append(text.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise ValueError(f"sentence {len(offsets) - 1}'s text is not valid Unicode (a lone surrogate?)") \
+                    from None
+            offsets.append(offsets[-1] + len(encoded[-1]))
         if offsets[-1] > start:
             data.resize(offsets[-1], axis=0)
             data[start:] = np.frombuffer(b"".join(encoded), np.uint8)
     f.create_dataset("text_offsets", data=np.frombuffer(offsets, np.int64))
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _plain(value):
